@@ -1,0 +1,107 @@
+"""The only place torch tensors become pointers, strides and a stream.
+
+`validate` checks every argument of the public op and raises an error that names the argument and what
+was expected. `kernel_ready` says whether tensors can go to a kernel as they are (16-byte aligned rows,
+unit stride along the head dim). `launch_forward` launches a compiled variant on torch's current stream.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .compiler import load_kernel
+from .variant import Variant
+
+LOG2E = 1.4426950408889634
+KERNEL_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def validate(q, k, v, bias=None, mask=None) -> None:
+    """Raise TypeError/ValueError naming the offending argument; return None when the inputs are usable."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+        if t.dim() != 4:
+            raise ValueError(f"{name}: expected 4 dimensions (windows, heads, tokens, head_dim), got shape {_shape(t)}")
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"k and v: expected the shape of q {_shape(q)}, got k {_shape(k)} and v {_shape(v)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"k and v: expected q's dtype {q.dtype}, got k {k.dtype} and v {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"k and v: expected q's device {q.device}, got k on {k.device} and v on {v.device}")
+    windows, heads, n, _ = q.shape
+    for name, t, lead in (("bias", bias, heads), ("mask", mask, None)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name}: expected q's device {q.device}, got {t.device}")
+        expected = f"({'heads=' + str(heads) if lead else 'windows_per_image'}, {n}, {n})"
+        if t.dim() != 3 or t.shape[1:] != (n, n) or (lead is not None and t.shape[0] != lead):
+            raise ValueError(f"{name}: expected shape {expected}, got {_shape(t)}")
+    if mask is not None:
+        if mask.shape[0] == 0 or windows % mask.shape[0]:
+            raise ValueError(f"mask: its {mask.shape[0]} windows per image must divide the {windows} windows of q "
+                             "(the batch index is outermost: window b uses mask[b % nW])")
+        if mask.requires_grad:
+            raise ValueError("mask: the shifted-window mask receives no gradient; pass mask.detach()")
+
+
+def kernel_ready(*tensors: torch.Tensor) -> bool:
+    """True when every tensor has a unit-stride last dim and 16-byte aligned base and row/head/window strides."""
+    for t in tensors:
+        size = t.element_size()
+        if t.stride(-1) != 1 and t.shape[-1] > 1:
+            return False
+        if t.data_ptr() % 16 or any((s * size) % 16 for s in t.stride()[:-1]):
+            return False
+    return True
+
+
+_streams: dict[int, object] = {}
+
+
+def _current_stream(device: torch.device):
+    import cupy
+
+    handle = torch.cuda.current_stream(device).cuda_stream
+    stream = _streams.get(handle)
+    if stream is None:
+        stream = _streams[handle] = cupy.cuda.ExternalStream(handle, device.index)
+    return stream
+
+
+def _pointer(t: torch.Tensor | None) -> np.uint64:
+    return np.uint64(0 if t is None else t.data_ptr())
+
+
+def _strides(t: torch.Tensor) -> list[np.int64]:
+    # (windows, heads, tokens) strides in elements; the head dim is contiguous.
+    return [np.int64(s) for s in t.stride()[:3]]
+
+
+def launch_forward(variant: Variant, q, k, v, out, lse, bias, mask, scale: float) -> None:
+    """Launch `variant` writing `out` (any strides with a unit last stride) and `lse` (windows, heads, N)."""
+    import cupy
+
+    device = q.device
+    kernel = load_kernel(variant, device.index)
+    windows, heads, _, _ = q.shape
+    args = (
+        _pointer(q), _pointer(k), _pointer(v), *_strides(q), *_strides(k), *_strides(v),
+        _pointer(out), *_strides(out), _pointer(lse), _pointer(bias), _pointer(mask),
+        np.int32(windows), np.int32(heads), np.int32(0 if mask is None else mask.shape[0]),
+        np.float32(scale * LOG2E),
+    )
+    blocks = variant.grid_blocks(windows * heads)
+    with cupy.cuda.Device(device.index):
+        kernel((blocks,), (variant.threads,), args, shared_mem=variant.smem_bytes, stream=_current_stream(device))

@@ -1,0 +1,131 @@
+"""The torch.library op: `fwagen::window_attention_fwd`, its fake implementation and autograd.
+
+The op runs a compiled kernel for CUDA tensors in float16, bfloat16 or float32 whose shape a kernel
+covers; anything else (CPU tensors, float64, N > 1024, odd head dims) runs the reference with a one-time
+warning that says why. The backward recomputes through the reference until the backward kernels land.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from . import dispatch
+from .compiler import device_arch
+from .launch import KERNEL_DTYPES, kernel_ready, launch_forward, validate
+from .problem import MAX_HEAD_DIM, MAX_N, Problem
+from .reference import log_sum_exp_reference, window_attention_reference
+
+LAYOUTS = ("bhnd", "bnc")
+_warned: set[str] = set()
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"fwagen: {reason}; running the PyTorch reference instead", stacklevel=4)
+
+
+def _no_kernel_reason(q: torch.Tensor) -> str | None:
+    n, d = q.shape[2], q.shape[3]
+    if not q.is_cuda:
+        return f"no kernel for {q.device.type} tensors"
+    if q.dtype not in KERNEL_DTYPES:
+        return f"no kernel for dtype {q.dtype}"
+    if not 1 <= n <= MAX_N:
+        return f"no kernel for N={n} tokens per window (kernels cover 1..{MAX_N})"
+    if d % 8 or not 8 <= d <= MAX_HEAD_DIM:
+        return f"no kernel for head_dim={d} (kernels cover multiples of 8 up to {MAX_HEAD_DIM})"
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return "CuPy is not installed (pip install 'fwagen[cuda13]' or 'fwagen[cuda12]')"
+    return None
+
+
+def _to_layout(out_bhnd: torch.Tensor, token_major: bool) -> torch.Tensor:
+    if not token_major:
+        return out_bhnd
+    windows, heads, n, d = out_bhnd.shape
+    return out_bhnd.transpose(1, 2).reshape(windows, n, heads * d)
+
+
+def _empty_outputs(q: torch.Tensor, token_major: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(returned output, the same memory seen as (windows, heads, N, d), lse)."""
+    windows, heads, n, d = q.shape
+    if token_major:
+        out = q.new_empty(windows, n, heads * d)
+        view = out.view(windows, n, heads, d).transpose(1, 2)
+    else:
+        out = view = q.new_empty(windows, heads, n, d)
+    lse = q.new_empty(windows, heads, n, dtype=torch.float32)
+    return out, view, lse
+
+
+@torch.library.custom_op("fwagen::window_attention_fwd", mutates_args=())
+def window_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                         mask: torch.Tensor | None, scale: float, token_major: bool
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    reason = _no_kernel_reason(q)
+    if reason is not None:
+        _warn_once(reason)
+        out = window_attention_reference(q, k, v, bias, mask, scale)
+        lse = log_sum_exp_reference(q, k, bias, mask, scale).float()
+        return _to_layout(out, token_major).contiguous(), lse
+    if not kernel_ready(q, k, v):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    bias = None if bias is None else bias.float().contiguous()
+    mask = None if mask is None else mask.float().contiguous()
+    problem = Problem(q.shape[2], q.shape[3], KERNEL_DTYPES[q.dtype], bias is not None, mask is not None)
+    choice = dispatch.choose_for(problem, q.shape[0] * q.shape[1], device_arch(q.device.index))
+    out, out_bhnd, lse = _empty_outputs(q, token_major)
+    launch_forward(choice.variant, q, k, v, out_bhnd, lse, bias, mask, scale)
+    return out, lse
+
+
+@window_attention_fwd.register_fake
+def _(q, k, v, bias, mask, scale, token_major):
+    out, _, lse = _empty_outputs(q, token_major)
+    return out, lse
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias, mask, scale, token_major = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, bias, mask, out, lse)
+    ctx.scale, ctx.token_major = scale, token_major
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, bias, mask, _out, _lse = ctx.saved_tensors
+    if ctx.token_major:
+        windows, heads, n, d = q.shape
+        grad_out = grad_out.view(windows, n, heads, d).transpose(1, 2)
+    with torch.enable_grad():
+        inputs = [t.detach().requires_grad_(True) for t in (q, k, v)]
+        bias_in = None if bias is None else bias.detach().requires_grad_(ctx.needs_input_grad[3])
+        out = window_attention_reference(*inputs, bias_in, mask, ctx.scale)
+        wanted = inputs + ([bias_in] if bias_in is not None and bias_in.requires_grad else [])
+        grads = torch.autograd.grad(out, wanted, grad_out)
+    grad_bias = grads[3] if len(grads) == 4 else None
+    return grads[0], grads[1], grads[2], grad_bias, None, None, None
+
+
+window_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def window_attention(q, k, v, bias=None, mask=None, scale=None, layout="bhnd"):
+    """Swin window attention: softmax(scale * q k^T + bias[h] + mask[b % nW]) v.
+
+    q, k, v: (windows, heads, N, head_dim), any strides (the permuted output of a qkv Linear is read in
+    place). bias: (heads, N, N) or None. mask: (nW, N, N) or None, 0 / -100 as Swin builds it.
+    scale: default head_dim ** -0.5. layout: "bhnd" returns (windows, heads, N, head_dim); "bnc" returns
+    (windows, N, heads * head_dim), ready for the output projection.
+    """
+    validate(q, k, v, bias, mask)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    out, _ = torch.ops.fwagen.window_attention_fwd(q, k, v, bias, mask, float(scale), layout == "bnc")
+    return out

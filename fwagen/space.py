@@ -1,0 +1,102 @@
+"""The legal variants of a problem, their static constraints, and the built-in default.
+
+Static constraints are checked before anything compiles; `static_violation` says why a variant is out.
+Compiled resources (spills, registers x threads) are checked afterwards by `resource_violation`.
+"""
+from __future__ import annotations
+
+import itertools
+
+from .compiler import DEFAULT_MAX_SMEM, MAX_SMEM_PER_BLOCK, Resources
+from .problem import Problem, pad_to
+from .variant import ForwardVariant, SimtVariant, Variant
+
+MAX_THREADS = 512
+# Score and output accumulators live in registers: MT * (KT + DP) / 2 floats per thread. Past this bound
+# the compiler spills for every configuration we tried, so such variants are not worth compiling.
+MAX_ACCUMULATOR_COLUMNS = 320
+REGISTERS_PER_SM = 65536
+
+
+def max_smem(arch: str) -> int:
+    return MAX_SMEM_PER_BLOCK.get(arch, DEFAULT_MAX_SMEM)
+
+
+def static_violation(variant: Variant, arch: str = "sm_90") -> str | None:
+    """None if the variant may be compiled, else the reason it may not."""
+    if variant.smem_bytes > max_smem(arch):
+        return f"shared memory {variant.smem_bytes} B > {max_smem(arch)} B on {arch}"
+    if variant.threads > MAX_THREADS or variant.threads % 32:
+        return f"threads {variant.threads} not a multiple of 32 up to {MAX_THREADS}"
+    if isinstance(variant, SimtVariant):
+        if variant.problem.head_dim % variant.threads_per_row:
+            return "threads_per_row does not divide head_dim"
+        if variant.cols_per_thread > 32:
+            return "more than 32 head-dim columns per thread"
+        return None
+    if variant.query_chunk % variant.rows_per_warp:
+        return "query_chunk not a multiple of rows_per_warp"
+    if variant.query_chunk > pad_to(variant.n_pad, variant.rows_per_warp):
+        return "query_chunk larger than the padded window"
+    if variant.key_tile > variant.n_pad or variant.key_tile % 16:
+        return "key_tile not a multiple of 16 up to the padded window"
+    if variant.stages == 2 and variant.key_tiles == 1:
+        return "two stages with a single key tile"
+    if variant.windows_per_block > 1 and variant.chunks_per_item > 1:
+        return "several windows per block only when one block covers a whole window"
+    if variant.m_tiles_per_warp * (variant.key_tile + variant.head_dim_pad) > MAX_ACCUMULATOR_COLUMNS:
+        return "accumulators exceed the register budget"
+    return None
+
+
+def resource_violation(variant: Variant, resources: Resources) -> str | None:
+    if resources.spill_bytes:
+        return f"spills {resources.spill_bytes} B"
+    if resources.registers * variant.threads > REGISTERS_PER_SM:
+        return f"{resources.registers} registers x {variant.threads} threads exceed one SM"
+    return None
+
+
+def _mma_candidates(problem: Problem):
+    n_pad = pad_to(problem.n, 16)
+    chunks = sorted({16, 32, 64, 128, 256, n_pad})
+    # A whole-window key tile keeps K and V resident; past 256 keys it only costs registers.
+    tiles = sorted({16, 32, 64, 128} | ({n_pad} if n_pad <= 256 else set()))
+    for wpb, rpw, qc, kt, st in itertools.product((1, 2, 4, 8), (16, 32), chunks, tiles, (1, 2)):
+        yield ForwardVariant(problem, windows_per_block=wpb, query_chunk=qc, rows_per_warp=rpw,
+                             key_tile=kt, stages=st)
+
+
+def _simt_candidates(problem: Problem):
+    for qc, tpr, kt in itertools.product((16, 32, 64, 128), (1, 2, 4, 8), (16, 32, 64)):
+        yield SimtVariant(problem, query_chunk=qc, threads_per_row=tpr, key_tile=kt)
+
+
+def candidates(problem: Problem, arch: str = "sm_90") -> tuple[list[Variant], dict[str, str]]:
+    """All variants of `problem`: (legal ones, {key: reason} for those pruned statically)."""
+    generator = _mma_candidates if problem.uses_tensor_cores else _simt_candidates
+    legal, pruned = [], {}
+    for variant in generator(problem):
+        reason = static_violation(variant, arch)
+        if reason is None:
+            legal.append(variant)
+        else:
+            pruned[variant.key()] = reason
+    return legal, pruned
+
+
+def default_variant(problem: Problem) -> Variant:
+    """The untuned choice: sensible everywhere, the baseline that tuned winners are measured against."""
+    if not problem.uses_tensor_cores:
+        return SimtVariant(problem, query_chunk=64, threads_per_row=4, key_tile=32)
+    n_pad = pad_to(problem.n, 16)
+    key_tile = n_pad if n_pad <= 128 else 64
+    rows_per_warp = 16
+    return ForwardVariant(
+        problem,
+        windows_per_block=2 if n_pad <= 64 else 1,
+        query_chunk=min(n_pad, 64),
+        rows_per_warp=rows_per_warp,
+        key_tile=key_tile,
+        stages=2 if n_pad > key_tile else 1,
+    )

@@ -1,0 +1,169 @@
+"""Kernel variants as data.
+
+A variant is a frozen dataclass: the problem it computes plus the tuning knobs. Its `key()` is derived
+from its fields and is its only identity: it names the kernel symbol, the compile-cache entry, the tuned
+YAML entry and log lines. Every derived number (threads, shared memory, padded sizes) is computed here,
+never in a template.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from .problem import Problem, pad_to
+
+ELEMENT_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+CUDA_TYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
+MMA_TYPE = {"float16": "f16", "bfloat16": "bf16"}
+# Rows of shared-memory tiles are padded by 16 bytes so that ldmatrix rows fall in distinct banks.
+SMEM_ROW_PAD_BYTES = 16
+
+
+@dataclass(frozen=True)
+class ForwardVariant:
+    """Tensor-core forward (fp16/bf16, mma.sync m16n8k16, fp32 accumulation).
+
+    A block owns `windows_per_block` (window, head) items and `query_chunk` query rows of each; each warp
+    owns `rows_per_warp` query rows of one item and streams the item's keys in tiles of `key_tile`,
+    with `stages` shared-memory buffers for the key/value tiles (2 = load the next tile while computing).
+    """
+
+    problem: Problem
+    windows_per_block: int = 1
+    query_chunk: int = 64  # query rows of one item handled by one block
+    rows_per_warp: int = 16  # 16 or 32: query rows (m16 tiles) owned by one warp
+    key_tile: int = 64
+    stages: int = 1
+
+    kind = "mma"
+
+    # --- identity -------------------------------------------------------------------------------
+    def knobs(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "problem"}
+
+    def key(self) -> str:
+        knobs = "_".join(f"{abbrev(name)}{value}" for name, value in self.knobs().items())
+        return f"fwagen_{self.kind}_{self.problem.key()}_{knobs}"
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "problem": asdict(self.problem), **self.knobs()}
+
+    # --- derived numbers ------------------------------------------------------------------------
+    @property
+    def n_pad(self) -> int:
+        return pad_to(self.problem.n, 16)
+
+    @property
+    def head_dim_pad(self) -> int:
+        return pad_to(self.problem.head_dim, 16)
+
+    @property
+    def chunks_per_item(self) -> int:
+        return -(-self.n_pad // self.query_chunk)
+
+    @property
+    def key_tiles(self) -> int:
+        return -(-self.n_pad // self.key_tile)
+
+    @property
+    def m_tiles_per_warp(self) -> int:
+        return self.rows_per_warp // 16
+
+    @property
+    def warps_per_item(self) -> int:
+        return self.query_chunk // self.rows_per_warp
+
+    @property
+    def warps(self) -> int:
+        return self.windows_per_block * self.warps_per_item
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps
+
+    @property
+    def smem_row_elems(self) -> int:
+        return self.head_dim_pad + SMEM_ROW_PAD_BYTES // ELEMENT_BYTES[self.problem.dtype]
+
+    @property
+    def smem_bytes(self) -> int:
+        elem = ELEMENT_BYTES[self.problem.dtype]
+        q_rows = self.windows_per_block * self.query_chunk
+        kv_rows = 2 * self.stages * self.windows_per_block * self.key_tile
+        return (q_rows + kv_rows) * self.smem_row_elems * elem
+
+    def grid_blocks(self, items: int) -> int:
+        return -(-items // self.windows_per_block) * self.chunks_per_item
+
+
+@dataclass(frozen=True)
+class SimtVariant:
+    """CUDA-core forward for any dtype, float32 accurate to float32 (no TF32).
+
+    `threads_per_row` threads share one query row, each holding head_dim / threads_per_row columns of q
+    and o; a block owns `query_chunk` rows of one item and streams keys in tiles of `key_tile`.
+    """
+
+    problem: Problem
+    query_chunk: int = 64
+    threads_per_row: int = 4
+    key_tile: int = 64
+
+    kind = "simt"
+
+    knobs = ForwardVariant.knobs
+    key = ForwardVariant.key
+    to_dict = ForwardVariant.to_dict
+
+    @property
+    def n_pad(self) -> int:
+        return pad_to(self.problem.n, 16)
+
+    @property
+    def chunks_per_item(self) -> int:
+        return -(-self.problem.n // self.query_chunk)
+
+    @property
+    def cols_per_thread(self) -> int:
+        return self.problem.head_dim // self.threads_per_row
+
+    @property
+    def threads(self) -> int:
+        return self.query_chunk * self.threads_per_row
+
+    @property
+    def smem_bytes(self) -> int:
+        return 2 * self.key_tile * self.problem.head_dim * 4  # K and V tiles, staged as float
+
+    def grid_blocks(self, items: int) -> int:
+        return items * self.chunks_per_item
+
+
+Variant = ForwardVariant | SimtVariant
+
+_ABBREV = {
+    "windows_per_block": "w",
+    "query_chunk": "q",
+    "rows_per_warp": "r",
+    "key_tile": "k",
+    "stages": "s",
+    "threads_per_row": "t",
+}
+
+
+def abbrev(knob: str) -> str:
+    return _ABBREV[knob]
+
+
+def variant_from_dict(data: dict) -> Variant:
+    """Inverse of `to_dict`; raises ValueError naming what is wrong."""
+    data = dict(data)
+    kind = data.pop("kind", None)
+    cls = {"mma": ForwardVariant, "simt": SimtVariant}.get(kind)
+    if cls is None:
+        raise ValueError(f"variant kind {kind!r}: expected 'mma' or 'simt'")
+    problem = Problem(**data.pop("problem"))
+    allowed = {f.name for f in fields(cls)} - {"problem"}
+    unknown = set(data) - allowed
+    if unknown:
+        raise ValueError(f"unknown {kind} variant knobs: {sorted(unknown)}")
+    return cls(problem=problem, **data)

@@ -1,0 +1,153 @@
+"""Forward kernels against the float64 reference on the GPU (marker gpu)."""
+from __future__ import annotations
+
+import random
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+import fwagen
+from fwagen.compiler import compile_variant, device_arch
+from fwagen.launch import launch_forward
+from fwagen.problem import Problem
+from fwagen.reference import log_sum_exp_reference
+from fwagen.space import candidates, default_variant, resource_violation
+
+from helpers import DTYPES, allowed_error, make_inputs, reference64
+
+pytestmark = pytest.mark.gpu
+
+AXES = {
+    "n": (1, 9, 16, 25, 49, 64, 100, 144, 256, 576, 1024),
+    "d": (16, 32, 64, 128),
+    "heads": (1, 3, 4, 7),
+    "dtype": ("float16", "bfloat16", "float32"),
+    "bias": (True, False),
+    "mask": (True, False),
+    "qkv_strided": (True, False),
+    "token_major": (True, False),
+}
+
+
+def grid_sample(count=66, seed=0):
+    """A seeded sample of the product in which every value of every axis appears."""
+    rng = random.Random(seed)
+    orders = {axis: rng.sample(values, len(values)) for axis, values in AXES.items()}
+    return [{axis: orders[axis][(i + rng.randrange(len(v))) % len(v) if i >= len(v) else i]
+             for axis, v in orders.items()} for i in range(count)]
+
+
+def windows_for(n, d):
+    return max(2, min(64, (1 << 19) // (n * d)))
+
+
+def run_poisoned(variant, q, k, v, b, m, token_major=False, scale=None):
+    """Launch into NaN-poisoned buffers so an unwritten element cannot pass."""
+    windows, heads, n, d = q.shape
+    scale = d ** -0.5 if scale is None else scale
+    if token_major:
+        out = torch.full((windows, n, heads * d), float("nan"), dtype=q.dtype, device=q.device)
+        out_bhnd = out.view(windows, n, heads, d).transpose(1, 2)
+    else:
+        out = out_bhnd = torch.full_like(q, float("nan"), memory_format=torch.contiguous_format)
+    lse = torch.full((windows, heads, n), float("nan"), device=q.device)
+    launch_forward(variant, q, k, v, out_bhnd, lse, b, m, scale)
+    torch.cuda.synchronize()
+    return out_bhnd, lse
+
+
+def check(variant, q, k, v, b, m, token_major=False):
+    out, lse = run_poisoned(variant, q, k, v, b, m, token_major)
+    assert torch.isfinite(out).all(), f"{variant.key()}: unwritten or non-finite output"
+    expected = reference64(q, k, v, b, m)
+    error = (out.double() - expected).abs().max().item()
+    allowed = allowed_error(q, k, v, b, m, expected)
+    assert error <= allowed, f"{variant.key()}: error {error:.3g} > allowed {allowed:.3g}"
+    lse_error = (lse.double() - log_sum_exp_reference(q, k, b, m)).abs().max().item()
+    assert lse_error < 1e-2, f"{variant.key()}: log-sum-exp error {lse_error:.3g}"
+
+
+@pytest.mark.parametrize("case", grid_sample(), ids=lambda c: "-".join(f"{v}" for v in c.values()))
+def test_default_variant_matches_float64_reference(case):
+    n, d, heads = case["n"], case["d"], case["heads"]
+    windows = windows_for(n, d)
+    mask_windows = 2 if case["mask"] else 0
+    q, k, v, b, m = make_inputs(windows, heads, n, d, DTYPES[case["dtype"]], bias=case["bias"],
+                                mask_windows=mask_windows, qkv_strided=case["qkv_strided"])
+    variant = default_variant(Problem(n, d, case["dtype"], case["bias"], bool(mask_windows)))
+    check(variant, q, k, v, b, m, case["token_major"])
+
+
+SWEPT = [Problem(49, 32, "float16", True, True), Problem(144, 32, "bfloat16", True, False),
+         Problem(576, 32, "float16", True, True), Problem(100, 64, "float32", True, True)]
+
+
+@pytest.mark.parametrize("problem", SWEPT, ids=lambda p: p.key())
+def test_every_legal_variant_matches_reference(problem):
+    arch = device_arch()
+    legal, _ = candidates(problem, arch)
+    with ThreadPoolExecutor(8) as pool:
+        compiled = list(pool.map(lambda var: compile_variant(var, arch), legal))
+    runnable = [var for var, c in zip(legal, compiled) if resource_violation(var, c.resources) is None]
+    assert runnable, "no variant survived the resource checks"
+    q, k, v, b, m = make_inputs(7, 3, problem.n, problem.head_dim, DTYPES[problem.dtype],
+                                bias=problem.has_bias, mask_windows=7 if problem.has_mask else 0, qkv_strided=True)
+    for variant in runnable:
+        check(variant, q, k, v, b, m, token_major=True)
+
+
+def test_op_matches_reference_and_takes_qkv_views_in_place():
+    windows, heads, n, d = 128, 3, 49, 32
+    q, k, v, b, m = make_inputs(windows, heads, n, d, torch.float16, mask_windows=64, qkv_strided=True)
+    out = fwagen.window_attention(q, k, v, b, m, layout="bnc")
+    expected = reference64(q, k, v, b, m).transpose(1, 2).reshape(windows, n, heads * d)
+    assert out.shape == (windows, n, heads * d)
+    assert (out.double() - expected).abs().max().item() <= allowed_error(q, k, v, b, m, reference64(q, k, v, b, m))
+
+
+def test_mask_applies_per_window_not_per_batch():
+    windows, heads, n, d = 8, 2, 16, 32
+    q, k, v, b, _ = make_inputs(windows, heads, n, d, torch.float16)
+    m = torch.zeros(4, n, n, device="cuda")
+    m[1, :, n // 2:] = -100.0  # only window 1 of each image masks its second half
+    out = fwagen.window_attention(q, k, v, b, m)
+    expected = reference64(q, k, v, b, m)
+    assert (out.double() - expected).abs().max().item() <= allowed_error(q, k, v, b, m, expected)
+    unmasked = reference64(q, k, v, b, None)
+    assert (out[1].double() - unmasked[1]).abs().max() > 1e-2  # window 1 really is masked
+    assert (out[5].double() - unmasked[5]).abs().max() > 1e-2  # and so is window 1 of the second image
+
+
+def test_batch_change_does_not_recompile():
+    from fwagen import compiler
+
+    q, k, v, b, m = make_inputs(64, 3, 49, 32, torch.float16, mask_windows=16)
+    fwagen.window_attention(q, k, v, b, m)
+    loaded = len(compiler._loaded)
+    for windows in (16, 48, 256):
+        q, k, v, b, m = make_inputs(windows, 3, 49, 32, torch.float16, mask_windows=16)
+        fwagen.window_attention(q, k, v, b, m)
+    assert len(compiler._loaded) == loaded
+
+
+def test_launch_is_capturable_in_a_cuda_graph():
+    q, k, v, b, m = make_inputs(64, 3, 49, 32, torch.bfloat16, mask_windows=16)
+    fwagen.window_attention(q, k, v, b, m)  # compile and load outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fwagen.window_attention(q, k, v, b, m)
+    q2, k2, v2, _, _ = make_inputs(64, 3, 49, 32, torch.bfloat16)
+    q.copy_(q2), k.copy_(k2), v.copy_(v2)
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = reference64(q, k, v, b, m)
+    assert (out.double() - expected).abs().max().item() <= allowed_error(q, k, v, b, m, expected)
+
+
+def test_small_grid_for_sanitizer():
+    """A few tiny launches; the device run executes this one under compute-sanitizer."""
+    for dtype, n, d in (("float16", 49, 32), ("bfloat16", 9, 16), ("float32", 25, 64), ("float16", 100, 128)):
+        q, k, v, b, m = make_inputs(4, 2, n, d, DTYPES[dtype], mask_windows=2, qkv_strided=True)
+        check(default_variant(Problem(n, d, dtype, True, True)), q, k, v, b, m, token_major=True)
