@@ -158,21 +158,31 @@ def device_arch(device_index: int | None = None) -> str:
     return f"sm_{major}{minor}"
 
 
-_loaded: dict[tuple[str, int], object] = {}
+@dataclass(frozen=True)
+class LoadedKernel:
+    function: object  # cupy.RawKernel
+    resident_blocks: int  # blocks of this kernel the whole GPU holds at once
 
 
-def load_kernel(variant: Variant, device_index: int):
-    """The CuPy kernel of `variant` for the given CUDA device, compiled if needed, loaded once."""
-    import cupy
+_loaded: dict[tuple[str, int], LoadedKernel] = {}
 
+
+def load_kernel(variant: Variant, device_index: int) -> LoadedKernel:
+    """The kernel of `variant` for the given CUDA device, compiled if needed, loaded once."""
     slot = (variant.key(), device_index)
-    kernel = _loaded.get(slot)
-    if kernel is None:
+    loaded = _loaded.get(slot)
+    if loaded is None:
+        import cupy
+        import torch
+        from cupy_backends.cuda.api import driver
+
         compiled = compile_variant(variant, device_arch(device_index))
         with cupy.cuda.Device(device_index):
-            module = cupy.RawModule(path=str(compiled.cubin_path))
-            kernel = module.get_function(compiled.name)
+            function = cupy.RawModule(path=str(compiled.cubin_path)).get_function(compiled.name)
             if variant.smem_bytes > 48 * 1024:
-                kernel.max_dynamic_shared_size_bytes = variant.smem_bytes
-        _loaded[slot] = kernel
-    return kernel
+                function.max_dynamic_shared_size_bytes = variant.smem_bytes
+            per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(
+                function.kernel.ptr, variant.threads, variant.smem_bytes)
+        sms = torch.cuda.get_device_properties(device_index).multi_processor_count
+        loaded = _loaded[slot] = LoadedKernel(function, max(per_sm, 1) * sms)
+    return loaded

@@ -6,6 +6,8 @@ unit stride along the head dim). `launch_forward` launches a compiled variant on
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -76,7 +78,9 @@ def _current_stream(device: torch.device):
     handle = torch.cuda.current_stream(device).cuda_stream
     stream = _streams.get(handle)
     if stream is None:
-        stream = _streams[handle] = cupy.cuda.ExternalStream(handle, device.index)
+        with warnings.catch_warnings():  # CuPy 14 deprecates ExternalStream; CuPy 12/13 lack its successor
+            warnings.simplefilter("ignore", DeprecationWarning)
+            stream = _streams[handle] = cupy.cuda.ExternalStream(handle, device.index)
     return stream
 
 
@@ -94,14 +98,15 @@ def launch_forward(variant: Variant, q, k, v, out, lse, bias, mask, scale: float
     import cupy
 
     device = q.device
-    kernel = load_kernel(variant, device.index)
+    loaded = load_kernel(variant, device.index)
     windows, heads, _, _ = q.shape
+    mask_windows = 0 if mask is None else mask.shape[0]
+    blocks, splits = variant.grid(windows, heads, mask_windows, loaded.resident_blocks)
     args = (
         _pointer(q), _pointer(k), _pointer(v), *_strides(q), *_strides(k), *_strides(v),
         _pointer(out), *_strides(out), _pointer(lse), _pointer(bias), _pointer(mask),
-        np.int32(windows), np.int32(heads), np.int32(0 if mask is None else mask.shape[0]),
-        np.float32(scale * LOG2E),
+        np.int32(windows), np.int32(heads), np.int32(mask_windows), np.float32(scale * LOG2E), np.int32(splits),
     )
-    blocks = variant.grid_blocks(windows * heads)
     with cupy.cuda.Device(device.index):
-        kernel((blocks,), (variant.threads,), args, shared_mem=variant.smem_bytes, stream=_current_stream(device))
+        loaded.function((blocks,), (variant.threads,), args, shared_mem=variant.smem_bytes,
+                        stream=_current_stream(device))

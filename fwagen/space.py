@@ -40,8 +40,10 @@ def static_violation(variant: Variant, arch: str = "sm_90") -> str | None:
         return "query_chunk larger than the padded window"
     if variant.key_tile > variant.n_pad or variant.key_tile % 16:
         return "key_tile not a multiple of 16 up to the padded window"
-    if variant.stages == 2 and variant.key_tiles == 1:
+    if variant.stages == 2 and variant.key_tiles == 1 and not variant.persistent:
         return "two stages with a single key tile"
+    if variant.persistent and (variant.chunks_per_item > 1 or variant.key_tiles > 1):
+        return "persistent blocks need the whole window in one query chunk and one key tile"
     if variant.windows_per_block > 1 and variant.chunks_per_item > 1:
         return "several windows per block only when one block covers a whole window"
     if variant.m_tiles_per_warp * (variant.key_tile + variant.head_dim_pad) > MAX_ACCUMULATOR_COLUMNS:
@@ -62,9 +64,10 @@ def _mma_candidates(problem: Problem):
     chunks = sorted({16, 32, 64, 128, 256, n_pad})
     # A whole-window key tile keeps K and V resident; past 256 keys it only costs registers.
     tiles = sorted({16, 32, 64, 128} | ({n_pad} if n_pad <= 256 else set()))
-    for wpb, rpw, qc, kt, st in itertools.product((1, 2, 4, 8), (16, 32), chunks, tiles, (1, 2)):
+    for wpb, rpw, qc, kt, st, persistent in itertools.product((1, 2, 4, 8), (16, 32), chunks, tiles, (1, 2),
+                                                              (False, True)):
         yield ForwardVariant(problem, windows_per_block=wpb, query_chunk=qc, rows_per_warp=rpw,
-                             key_tile=kt, stages=st)
+                             key_tile=kt, stages=st, persistent=persistent)
 
 
 def _simt_candidates(problem: Problem):

@@ -25,6 +25,10 @@ class ForwardVariant:
     A block owns `windows_per_block` (window, head) items and `query_chunk` query rows of each; each warp
     owns `rows_per_warp` query rows of one item and streams the item's keys in tiles of `key_tile`,
     with `stages` shared-memory buffers for the key/value tiles (2 = load the next tile while computing).
+
+    `persistent`: a block owns one (head, mask window) pair and walks over every window that shares it,
+    keeping the bias and mask of its rows in registers; `stages` then counts buffers of whole windows
+    (2 = the next windows load while the current ones compute). Needs one query chunk and one key tile.
     """
 
     problem: Problem
@@ -33,6 +37,7 @@ class ForwardVariant:
     rows_per_warp: int = 16  # 16 or 32: query rows (m16 tiles) owned by one warp
     key_tile: int = 64
     stages: int = 1
+    persistent: bool = False
 
     kind = "mma"
 
@@ -41,7 +46,7 @@ class ForwardVariant:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "problem"}
 
     def key(self) -> str:
-        knobs = "_".join(f"{abbrev(name)}{value}" for name, value in self.knobs().items())
+        knobs = "_".join(f"{abbrev(name)}{int(value)}" for name, value in self.knobs().items())
         return f"fwagen_{self.kind}_{self.problem.key()}_{knobs}"
 
     def to_dict(self) -> dict:
@@ -86,13 +91,20 @@ class ForwardVariant:
 
     @property
     def smem_bytes(self) -> int:
-        elem = ELEMENT_BYTES[self.problem.dtype]
         q_rows = self.windows_per_block * self.query_chunk
-        kv_rows = 2 * self.stages * self.windows_per_block * self.key_tile
-        return (q_rows + kv_rows) * self.smem_row_elems * elem
+        kv_rows = 2 * self.windows_per_block * self.key_tile
+        rows = self.stages * (q_rows + kv_rows) if self.persistent else q_rows + self.stages * kv_rows
+        return rows * self.smem_row_elems * ELEMENT_BYTES[self.problem.dtype]
 
-    def grid_blocks(self, items: int) -> int:
-        return -(-items // self.windows_per_block) * self.chunks_per_item
+    def grid(self, windows: int, heads: int, mask_windows: int, resident_blocks: int) -> tuple[int, int]:
+        """(blocks, splits) for a call; `resident_blocks` is how many blocks the GPU holds at once."""
+        if not self.persistent:
+            return -(-windows * heads // self.windows_per_block) * self.chunks_per_item, 1
+        pair_windows = max(mask_windows, 1)
+        pairs = heads * pair_windows
+        groups = -(-(-(-windows // pair_windows)) // self.windows_per_block)
+        splits = max(1, min(groups, -(-resident_blocks // pairs)))
+        return pairs * splits, splits
 
 
 @dataclass(frozen=True)
@@ -134,8 +146,8 @@ class SimtVariant:
     def smem_bytes(self) -> int:
         return 2 * self.key_tile * self.problem.head_dim * 4  # K and V tiles, staged as float
 
-    def grid_blocks(self, items: int) -> int:
-        return items * self.chunks_per_item
+    def grid(self, windows: int, heads: int, mask_windows: int, resident_blocks: int) -> tuple[int, int]:
+        return windows * heads * self.chunks_per_item, 1
 
 
 Variant = ForwardVariant | SimtVariant
@@ -146,6 +158,7 @@ _ABBREV = {
     "rows_per_warp": "r",
     "key_tile": "k",
     "stages": "s",
+    "persistent": "p",
     "threads_per_row": "t",
 }
 
