@@ -40,19 +40,18 @@ def static_violation(variant: Variant, arch: str = "sm_90") -> str | None:
         return "query_chunk larger than the padded window"
     if variant.key_tile > variant.n_pad or variant.key_tile % 16:
         return "key_tile not a multiple of 16 up to the padded window"
-    if variant.stages == 2 and variant.key_tiles == 1 and not variant.persistent:
-        return "two stages with a single key tile"
-    if variant.persistent and (variant.chunks_per_item > 1 or variant.key_tiles > 1):
-        return "persistent blocks need the whole window in one query chunk and one key tile"
-    if variant.windows_per_block > 1 and variant.chunks_per_item > 1:
-        return "several windows per block only when one block covers a whole window"
     if variant.m_tiles_per_warp * (variant.key_tile + variant.head_dim_pad) > MAX_ACCUMULATOR_COLUMNS:
         return "accumulators exceed the register budget"
     return None
 
 
+# ptxas at -O3 often parks a few loop-invariant values (strides, pointers) in local memory, which costs
+# nothing measurable; real spills of accumulators run to hundreds of bytes.
+MAX_SPILL_BYTES = 64
+
+
 def resource_violation(variant: Variant, resources: Resources) -> str | None:
-    if resources.spill_bytes:
+    if resources.spill_bytes > MAX_SPILL_BYTES:
         return f"spills {resources.spill_bytes} B"
     if resources.registers * variant.threads > REGISTERS_PER_SM:
         return f"{resources.registers} registers x {variant.threads} threads exceed one SM"
@@ -64,10 +63,9 @@ def _mma_candidates(problem: Problem):
     chunks = sorted({16, 32, 64, 128, 256, n_pad})
     # A whole-window key tile keeps K and V resident; past 256 keys it only costs registers.
     tiles = sorted({16, 32, 64, 128} | ({n_pad} if n_pad <= 256 else set()))
-    for wpb, rpw, qc, kt, st, persistent in itertools.product((1, 2, 4, 8), (16, 32), chunks, tiles, (1, 2),
-                                                              (False, True)):
+    for wpb, rpw, qc, kt, st in itertools.product((1, 2, 4), (16, 32), chunks, tiles, (1, 2)):
         yield ForwardVariant(problem, windows_per_block=wpb, query_chunk=qc, rows_per_warp=rpw,
-                             key_tile=kt, stages=st, persistent=persistent)
+                             key_tile=kt, stages=st)
 
 
 def _simt_candidates(problem: Problem):

@@ -22,13 +22,11 @@ SMEM_ROW_PAD_BYTES = 16
 class ForwardVariant:
     """Tensor-core forward (fp16/bf16, mma.sync m16n8k16, fp32 accumulation).
 
-    A block owns `windows_per_block` (window, head) items and `query_chunk` query rows of each; each warp
-    owns `rows_per_warp` query rows of one item and streams the item's keys in tiles of `key_tile`,
-    with `stages` shared-memory buffers for the key/value tiles (2 = load the next tile while computing).
-
-    `persistent`: a block owns one (head, mask window) pair and walks over every window that shares it,
-    keeping the bias and mask of its rows in registers; `stages` then counts buffers of whole windows
-    (2 = the next windows load while the current ones compute). Needs one query chunk and one key tile.
+    A block owns one (head, mask window) pair and one chunk of `query_chunk` query rows, and walks over
+    the windows that share that pair, `windows_per_block` at a time; the bias and mask of its rows are
+    read once into shared memory. Each warp owns `rows_per_warp` query rows of one window and streams
+    its keys in tiles of `key_tile`; `stages` = 2 loads the next tile (or the next windows) while the
+    current one computes.
     """
 
     problem: Problem
@@ -37,7 +35,6 @@ class ForwardVariant:
     rows_per_warp: int = 16  # 16 or 32: query rows (m16 tiles) owned by one warp
     key_tile: int = 64
     stages: int = 1
-    persistent: bool = False
 
     kind = "mma"
 
@@ -90,21 +87,24 @@ class ForwardVariant:
         return self.head_dim_pad + SMEM_ROW_PAD_BYTES // ELEMENT_BYTES[self.problem.dtype]
 
     @property
+    def logit_add_bytes(self) -> int:
+        """The block's (bias + mask) term: its query chunk x every key tile, float32."""
+        return self.query_chunk * self.key_tiles * self.key_tile * 4
+
+    @property
     def smem_bytes(self) -> int:
-        q_rows = self.windows_per_block * self.query_chunk
-        kv_rows = 2 * self.windows_per_block * self.key_tile
-        rows = self.stages * (q_rows + kv_rows) if self.persistent else q_rows + self.stages * kv_rows
-        return rows * self.smem_row_elems * ELEMENT_BYTES[self.problem.dtype]
+        rows_per_stage = self.windows_per_block * (self.query_chunk + 2 * self.key_tile)
+        tiles = self.stages * rows_per_stage * self.smem_row_elems * ELEMENT_BYTES[self.problem.dtype]
+        return tiles + self.logit_add_bytes
 
     def grid(self, windows: int, heads: int, mask_windows: int, resident_blocks: int) -> tuple[int, int]:
-        """(blocks, splits) for a call; `resident_blocks` is how many blocks the GPU holds at once."""
-        if not self.persistent:
-            return -(-windows * heads // self.windows_per_block) * self.chunks_per_item, 1
+        """(blocks, splits) for a call: enough blocks per (head, mask window, query chunk) to fill the GPU
+        once (`resident_blocks` is how many it holds at once), each walking `splits`-strided windows."""
         pair_windows = max(mask_windows, 1)
-        pairs = heads * pair_windows
+        owners = heads * pair_windows * self.chunks_per_item
         groups = -(-(-(-windows // pair_windows)) // self.windows_per_block)
-        splits = max(1, min(groups, -(-resident_blocks // pairs)))
-        return pairs * splits, splits
+        splits = max(1, min(groups, -(-resident_blocks // owners)))
+        return owners * splits, splits
 
 
 @dataclass(frozen=True)
@@ -158,7 +158,6 @@ _ABBREV = {
     "rows_per_warp": "r",
     "key_tile": "k",
     "stages": "s",
-    "persistent": "p",
     "threads_per_row": "t",
 }
 

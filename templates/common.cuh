@@ -33,6 +33,14 @@ template <> __device__ __forceinline__ unsigned pack2<__nv_bfloat16>(float lo, f
   return *reinterpret_cast<unsigned*>(&h);
 }
 
+// 2^x on the special-function unit (ex2.approx.ftz: relative error ~2^-22, exp2(-inf) = 0); exp2f's
+// library path adds range handling we never need, since x <= 0 after the max subtraction.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
