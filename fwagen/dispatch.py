@@ -21,7 +21,7 @@ class Choice:
 
 @lru_cache(maxsize=4096)
 def choose(problem: Problem, bucket: int, arch: str) -> Choice:
-    return Choice(default_variant(problem), "built-in default")
+    return Choice(default_variant(problem, arch), "built-in default")
 
 
 def choose_for(problem: Problem, items: int, arch: str) -> Choice:

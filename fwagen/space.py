@@ -86,18 +86,27 @@ def candidates(problem: Problem, arch: str = "sm_90") -> tuple[list[Variant], di
     return legal, pruned
 
 
-def default_variant(problem: Problem) -> Variant:
-    """The untuned choice: sensible everywhere, the baseline that tuned winners are measured against."""
+# Built-in defaults, most preferred first, as (windows_per_block, query_chunk, rows_per_warp, key_tile, stages);
+# None stands for the padded window. Ordered from sweeps of every legal variant on an H200
+# (bench/results/*-sweep.json); the first one legal on the target architecture is used.
+_DEFAULT_PREFERENCE = {
+    64: [(1, 32, 16, None, 1), (1, 64, 16, None, 2)],
+    144: [(1, 64, 16, None, 2), (1, 32, 16, None, 2)],
+    1024: [(4, 64, 16, 64, 1), (2, 64, 16, 64, 2), (1, 64, 16, 64, 2), (1, 32, 16, 64, 2), (1, 16, 16, 64, 2),
+           (1, 16, 16, 32, 2), (1, 16, 16, 16, 1)],
+}
+
+
+def default_variant(problem: Problem, arch: str = "sm_90") -> Variant:
+    """The untuned choice: legal on `arch`, the baseline that tuned winners are measured against."""
     if not problem.uses_tensor_cores:
         return SimtVariant(problem, query_chunk=64, threads_per_row=4, key_tile=32)
     n_pad = pad_to(problem.n, 16)
-    key_tile = n_pad if n_pad <= 128 else 64
-    rows_per_warp = 16
-    return ForwardVariant(
-        problem,
-        windows_per_block=2 if n_pad <= 64 else 1,
-        query_chunk=min(n_pad, 64),
-        rows_per_warp=rows_per_warp,
-        key_tile=key_tile,
-        stages=2 if n_pad > key_tile else 1,
-    )
+    preference = [entry for limit, entries in sorted(_DEFAULT_PREFERENCE.items()) if n_pad <= limit
+                  for entry in entries] + _DEFAULT_PREFERENCE[1024]
+    for wpb, chunk, rows, tile, stages in preference:
+        variant = ForwardVariant(problem, windows_per_block=wpb, query_chunk=min(chunk, pad_to(n_pad, rows)),
+                                 rows_per_warp=rows, key_tile=min(tile or n_pad, n_pad), stages=stages)
+        if static_violation(variant, arch) is None:
+            return variant
+    raise AssertionError(f"no default variant is legal for {problem.key()} on {arch}")
