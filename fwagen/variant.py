@@ -35,6 +35,7 @@ class ForwardVariant:
     rows_per_warp: int = 16  # 16 or 32: query rows (m16 tiles) owned by one warp
     key_tile: int = 64
     stages: int = 1
+    min_blocks: int = 1  # __launch_bounds__ minimum blocks per SM: caps registers to raise occupancy
 
     kind = "mma"
 
@@ -158,6 +159,7 @@ _ABBREV = {
     "rows_per_warp": "r",
     "key_tile": "k",
     "stages": "s",
+    "min_blocks": "b",
     "threads_per_row": "t",
 }
 
