@@ -20,10 +20,10 @@ LAYOUTS = ("bhnd", "bnc")
 _warned: set[str] = set()
 
 
-def _warn_once(reason: str) -> None:
+def _warn_once(reason: str, stacklevel: int) -> None:
     if reason not in _warned:
         _warned.add(reason)
-        warnings.warn(f"fwagen: {reason}; running the PyTorch reference instead", stacklevel=4)
+        warnings.warn(f"fwagen: {reason}; running the PyTorch reference instead", stacklevel=stacklevel + 1)
 
 
 def _no_kernel_reason(q: torch.Tensor) -> str | None:
@@ -66,9 +66,7 @@ def _empty_outputs(q: torch.Tensor, token_major: bool) -> tuple[torch.Tensor, to
 def window_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
                          mask: torch.Tensor | None, scale: float, token_major: bool
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    reason = _no_kernel_reason(q)
-    if reason is not None:
-        _warn_once(reason)
+    if _no_kernel_reason(q) is not None:  # the public wrapper has warned, pointing at the caller
         out = window_attention_reference(q, k, v, bias, mask, scale)
         lse = log_sum_exp_reference(q, k, bias, mask, scale).float()
         return _to_layout(out, token_major).contiguous(), lse
@@ -92,11 +90,14 @@ def _(q, k, v, bias, mask, scale, token_major):
 def _setup_context(ctx, inputs, output):
     q, k, v, bias, mask, scale, token_major = inputs
     out, lse = output
+    ctx.mark_non_differentiable(lse)  # saved for the backward kernels; not a differentiable output
     ctx.save_for_backward(q, k, v, bias, mask, out, lse)
     ctx.scale, ctx.token_major = scale, token_major
 
 
 def _backward(ctx, grad_out, grad_lse):
+    if torch.is_grad_enabled():
+        raise RuntimeError("fwagen.window_attention: second-order gradients (create_graph=True) are not supported")
     q, k, v, bias, mask, _out, _lse = ctx.saved_tensors
     if ctx.token_major:
         windows, heads, n, d = q.shape
@@ -127,5 +128,9 @@ def window_attention(q, k, v, bias=None, mask=None, scale=None, layout="bhnd"):
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    if not torch.compiler.is_compiling():  # a traced graph cannot warn; the eager call before it has
+        reason = _no_kernel_reason(q)
+        if reason is not None:
+            _warn_once(reason, stacklevel=2)
     out, _ = torch.ops.fwagen.window_attention_fwd(q, k, v, bias, mask, float(scale), layout == "bnc")
     return out
