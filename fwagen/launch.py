@@ -110,3 +110,33 @@ def launch_forward(variant: Variant, q, k, v, out, lse, bias, mask, scale: float
     with cupy.cuda.Device(device.index):
         loaded.function((blocks,), (variant.threads,), args, shared_mem=variant.smem_bytes,
                         stream=_current_stream(device))
+
+
+def launch_backward(variant: Variant, q, k, v, out, dout, lse, bias, mask, scale: float):
+    """Gradients of q, k, v (views into one (windows, N, 3, heads, d) buffer) and, when `bias` is given, of the
+    bias, summed over windows in a fixed order (per-block float32 partials, then one reduction)."""
+    import cupy
+
+    device = q.device
+    windows, heads, n, d = q.shape
+    if dout.stride() != out.stride():
+        dout = torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device=device).copy_(dout)
+    loaded = load_kernel(variant, device.index)
+    mask_windows = 0 if mask is None else mask.shape[0]
+    blocks, splits = variant.grid(windows, heads, mask_windows, loaded.resident_blocks)
+    grads = torch.empty(windows, n, 3, heads, d, dtype=q.dtype, device=device)
+    dq, dk, dv = (grads[:, :, i].transpose(1, 2) for i in range(3))
+    partial = torch.empty(blocks, n, n, dtype=torch.float32, device=device)
+    args = (
+        _pointer(q), _pointer(k), _pointer(v), *_strides(q), *_strides(k), *_strides(v),
+        _pointer(out), _pointer(dout), *_strides(out), _pointer(lse), _pointer(bias), _pointer(mask),
+        _pointer(dq), _pointer(dk), _pointer(dv), *_strides(dq), _pointer(partial),
+        np.int32(windows), np.int32(heads), np.int32(mask_windows), np.float32(scale), np.int32(splits),
+    )
+    with cupy.cuda.Device(device.index):
+        loaded.function((blocks,), (variant.threads,), args, shared_mem=variant.smem_bytes,
+                        stream=_current_stream(device))
+    dbias = None
+    if bias is not None:
+        dbias = partial.view(max(mask_windows, 1), heads, splits, n, n).sum(dim=(0, 2))
+    return dq, dk, dv, dbias

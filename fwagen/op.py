@@ -2,7 +2,8 @@
 
 The op runs a compiled kernel for CUDA tensors in float16, bfloat16 or float32 whose shape a kernel
 covers; anything else (CPU tensors, float64, N > 1024, odd head dims) runs the reference with a one-time
-warning that says why. The backward recomputes through the reference until the backward kernels land.
+warning that says why. The backward runs a kernel for float16/bfloat16 windows it covers (see
+`space.default_backward`) and differentiates the reference elsewhere.
 """
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import torch
 
 from . import dispatch
 from .compiler import device_arch
-from .launch import KERNEL_DTYPES, kernel_ready, launch_forward, validate
+from .launch import KERNEL_DTYPES, kernel_ready, launch_backward, launch_forward, validate
 from .problem import MAX_HEAD_DIM, MAX_N, Problem
 from .reference import log_sum_exp_reference, window_attention_reference
+from .space import default_backward
 
 LAYOUTS = ("bhnd", "bnc")
 _warned: set[str] = set()
@@ -95,19 +97,38 @@ def _setup_context(ctx, inputs, output):
     ctx.scale, ctx.token_major = scale, token_major
 
 
+def _backward_kernel(q, bias, mask):
+    """The backward variant for these inputs, or None where the reference must be differentiated."""
+    if _no_kernel_reason(q) is not None or q.dtype == torch.float32:
+        return None
+    problem = Problem(q.shape[2], q.shape[3], KERNEL_DTYPES[q.dtype], bias is not None, mask is not None, "bwd")
+    return default_backward(problem, device_arch(q.device.index))
+
+
 def _backward(ctx, grad_out, grad_lse):
     if torch.is_grad_enabled():
         raise RuntimeError("fwagen.window_attention: second-order gradients (create_graph=True) are not supported")
-    q, k, v, bias, mask, _out, _lse = ctx.saved_tensors
+    q, k, v, bias, mask, out, lse = ctx.saved_tensors
+    windows, heads, n, d = q.shape
     if ctx.token_major:
-        windows, heads, n, d = q.shape
-        grad_out = grad_out.view(windows, n, heads, d).transpose(1, 2)
+        grad_out = grad_out.contiguous().view(windows, n, heads, d).transpose(1, 2)
+        out = out.view(windows, n, heads, d).transpose(1, 2)
+    variant = _backward_kernel(q, bias, mask)
+    if variant is not None:
+        if not kernel_ready(q, k, v):
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        bias32 = None if bias is None else bias.float().contiguous()
+        mask32 = None if mask is None else mask.float().contiguous()
+        dq, dk, dv, dbias = launch_backward(variant, q, k, v, out, grad_out.contiguous() if not ctx.token_major
+                                            else grad_out, lse, bias32, mask32, ctx.scale)
+        grad_bias = dbias.to(bias.dtype) if dbias is not None and ctx.needs_input_grad[3] else None
+        return dq, dk, dv, grad_bias, None, None, None
     with torch.enable_grad():
         inputs = [t.detach().requires_grad_(True) for t in (q, k, v)]
         bias_in = None if bias is None else bias.detach().requires_grad_(ctx.needs_input_grad[3])
-        out = window_attention_reference(*inputs, bias_in, mask, ctx.scale)
+        ref = window_attention_reference(*inputs, bias_in, mask, ctx.scale)
         wanted = inputs + ([bias_in] if bias_in is not None and bias_in.requires_grad else [])
-        grads = torch.autograd.grad(out, wanted, grad_out)
+        grads = torch.autograd.grad(ref, wanted, grad_out)
     grad_bias = grads[3] if len(grads) == 4 else None
     return grads[0], grads[1], grads[2], grad_bias, None, None, None
 

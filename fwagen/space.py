@@ -9,7 +9,7 @@ import itertools
 
 from .compiler import DEFAULT_MAX_SMEM, MAX_SMEM_PER_BLOCK, Resources
 from .problem import Problem, pad_to
-from .variant import ForwardVariant, SimtVariant, Variant
+from .variant import BackwardVariant, ForwardVariant, SimtVariant, Variant
 
 MAX_THREADS = 512
 # Score and output accumulators live in registers: MT * (KT + DP) / 2 floats per thread. Past this bound
@@ -28,6 +28,12 @@ def static_violation(variant: Variant, arch: str = "sm_90") -> str | None:
         return f"shared memory {variant.smem_bytes} B > {max_smem(arch)} B on {arch}"
     if variant.threads > MAX_THREADS or variant.threads % 32:
         return f"threads {variant.threads} not a multiple of 32 up to {MAX_THREADS}"
+    if isinstance(variant, BackwardVariant):
+        if 3 * variant.n_pad + variant.head_dim_pad > MAX_ACCUMULATOR_COLUMNS:
+            return "P, dS and dbias accumulators exceed the register budget (backward covers small windows)"
+        if variant.min_blocks * variant.threads * 32 > REGISTERS_PER_SM:
+            return f"{variant.min_blocks} blocks of {variant.threads} threads leave under 32 registers a thread"
+        return None
     if isinstance(variant, SimtVariant):
         if variant.problem.head_dim % variant.threads_per_row:
             return "threads_per_row does not divide head_dim"
@@ -114,3 +120,23 @@ def default_variant(problem: Problem, arch: str = "sm_90") -> Variant:
         if static_violation(variant, arch) is None:
             return variant
     raise AssertionError(f"no default variant is legal for {problem.key()} on {arch}")
+
+
+def backward_candidates(problem: Problem, arch: str = "sm_90") -> tuple[list[Variant], dict[str, str]]:
+    legal, pruned = [], {}
+    if problem.uses_tensor_cores:
+        for stages, min_blocks in itertools.product((1, 2), (1, 2)):
+            variant = BackwardVariant(problem, stages=stages, min_blocks=min_blocks)
+            reason = static_violation(variant, arch)
+            if reason is None:
+                legal.append(variant)
+            else:
+                pruned[variant.key()] = reason
+    return legal, pruned
+
+
+def default_backward(problem: Problem, arch: str = "sm_90") -> BackwardVariant | None:
+    """The backward kernel for `problem`, or None where none covers it (the op then differentiates the
+    PyTorch reference)."""
+    legal, _ = backward_candidates(problem, arch)
+    return legal[0] if legal else None

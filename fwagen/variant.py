@@ -151,7 +151,47 @@ class SimtVariant:
         return windows * heads * self.chunks_per_item, 1
 
 
-Variant = ForwardVariant | SimtVariant
+@dataclass(frozen=True)
+class BackwardVariant:
+    """Tensor-core backward (fp16/bf16) for windows whose padded size fits one tile.
+
+    A block owns one (head, mask window) pair and walks its windows; warp w recomputes P for query rows
+    [16w, 16w+16), forms dS and dQ, then computes dK and dV for key rows [16w, 16w+16) from P and dS staged in
+    shared memory. dbias is accumulated in registers over the block's windows and written once per block.
+    """
+
+    problem: Problem
+    stages: int = 1
+    min_blocks: int = 1
+
+    kind = "bwd_mma"
+
+    knobs = ForwardVariant.knobs
+    key = ForwardVariant.key
+    to_dict = ForwardVariant.to_dict
+    n_pad = ForwardVariant.n_pad
+    head_dim_pad = ForwardVariant.head_dim_pad
+    smem_row_elems = ForwardVariant.smem_row_elems
+
+    @property
+    def threads(self) -> int:
+        return 32 * (self.n_pad // 16)
+
+    @property
+    def smem_bytes(self) -> int:
+        elem = ELEMENT_BYTES[self.problem.dtype]
+        tiles = self.stages * 4 * self.n_pad * self.smem_row_elems * elem  # q, k, v, dO
+        staged = 2 * self.n_pad * (self.n_pad + 8) * elem  # P and dS
+        return tiles + staged + self.n_pad * self.n_pad * 4  # + the (bias + mask) term
+
+    def grid(self, windows: int, heads: int, mask_windows: int, resident_blocks: int) -> tuple[int, int]:
+        pair_windows = max(mask_windows, 1)
+        pairs = heads * pair_windows
+        splits = max(1, min(-(-windows // pair_windows), -(-resident_blocks // pairs)))
+        return pairs * splits, splits
+
+
+Variant = ForwardVariant | SimtVariant | BackwardVariant
 
 _ABBREV = {
     "windows_per_block": "w",
@@ -172,9 +212,10 @@ def variant_from_dict(data: dict) -> Variant:
     """Inverse of `to_dict`; raises ValueError naming what is wrong."""
     data = dict(data)
     kind = data.pop("kind", None)
-    cls = {"mma": ForwardVariant, "simt": SimtVariant}.get(kind)
+    kinds = {"mma": ForwardVariant, "simt": SimtVariant, "bwd_mma": BackwardVariant}
+    cls = kinds.get(kind)
     if cls is None:
-        raise ValueError(f"variant kind {kind!r}: expected 'mma' or 'simt'")
+        raise ValueError(f"variant kind {kind!r}: expected one of {sorted(kinds)}")
     problem = Problem(**data.pop("problem"))
     allowed = {f.name for f in fields(cls)} - {"problem"}
     unknown = set(data) - allowed

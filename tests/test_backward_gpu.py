@@ -1,0 +1,109 @@
+"""Backward kernels against float64 autograd of the reference on the GPU (marker gpu)."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import fwagen
+from fwagen.problem import Problem
+from fwagen.reference import window_attention_reference
+from fwagen.space import default_backward
+
+from helpers import DTYPES, make_inputs
+
+pytestmark = pytest.mark.gpu
+
+AXES = {
+    "n": (1, 9, 16, 25, 49, 64, 100),
+    "d": (16, 32, 64, 128),
+    "heads": (1, 3, 4, 7),
+    "dtype": ("float16", "bfloat16", "float32"),
+    "bias": (True, False),
+    "mask": (True, False),
+    "qkv_strided": (True, False),
+    "token_major": (True, False),
+}
+RELATIVE_FLOOR = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-6}
+
+
+def grid_sample(count=40, seed=1):
+    rng = random.Random(seed)
+    orders = {axis: rng.sample(values, len(values)) for axis, values in AXES.items()}
+    return [{axis: orders[axis][i] if i < len(v) else rng.choice(v) for axis, v in orders.items()}
+            for i in range(count)]
+
+
+def gradients(q, k, v, b, m, grad_out, fn):
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    bias = None if b is None else b.detach().requires_grad_()
+    out = fn(*leaves, bias, m)
+    out.backward(grad_out)
+    return [t.grad for t in leaves] + ([bias.grad] if bias is not None else [])
+
+
+def run_case(windows, heads, n, d, dtype, *, bias, mask_windows, qkv_strided, token_major):
+    q, k, v, b, m = make_inputs(windows, heads, n, d, dtype, bias=bias, mask_windows=mask_windows,
+                                qkv_strided=qkv_strided)
+    layout = "bnc" if token_major else "bhnd"
+    grad_shape = (windows, n, heads * d) if token_major else (windows, heads, n, d)
+    grad_out = torch.randn(grad_shape, device="cuda").to(dtype)
+
+    def to_layout(out):
+        return out.transpose(1, 2).reshape(windows, n, heads * d) if token_major else out
+
+    def ours(q, k, v, b, m):
+        return fwagen.window_attention(q, k, v, b, m, layout=layout)
+
+    def reference(q, k, v, b, m):
+        return to_layout(window_attention_reference(q, k, v, b, m))
+
+    got = gradients(q, k, v, b, m, grad_out, ours)
+    eager = gradients(q, k, v, b, m, grad_out, reference)
+    expected = gradients(q.double(), k.double(), v.double(), None if b is None else b.double(),
+                         None if m is None else m.double(), grad_out.double(), reference)
+    for name, g, e, x in zip(("dq", "dk", "dv", "dbias"), got, eager, expected):
+        assert g is not None and torch.isfinite(g).all(), f"{name}: missing or non-finite"
+        error = (g.double() - x).abs().max().item()
+        allowed = 2 * (e.double() - x).abs().max().item() + RELATIVE_FLOOR[dtype] * x.abs().max().item()
+        assert error <= allowed, f"{name}: error {error:.3g} > allowed {allowed:.3g}"
+    return got
+
+
+@pytest.mark.parametrize("case", grid_sample(), ids=lambda c: "-".join(f"{v}" for v in c.values()))
+def test_gradients_match_float64_autograd(case):
+    n, d = case["n"], case["d"]
+    windows = max(2, min(32, (1 << 18) // (n * d)) // 2 * 2)
+    run_case(windows, case["heads"], n, d, DTYPES[case["dtype"]], bias=case["bias"],
+             mask_windows=2 if case["mask"] else 0, qkv_strided=case["qkv_strided"],
+             token_major=case["token_major"])
+
+
+def test_swin_stage1_uses_the_backward_kernel_and_matches():
+    assert default_backward(Problem(49, 32, "float16", True, True, "bwd")) is not None
+    run_case(256, 3, 49, 32, torch.float16, bias=True, mask_windows=64, qkv_strided=True, token_major=True)
+
+
+def test_gradients_are_bitwise_deterministic():
+    q, k, v, b, m = make_inputs(512, 3, 49, 32, torch.bfloat16, mask_windows=64, qkv_strided=True)
+    grad_out = torch.randn(512, 3, 49, 32, device="cuda").to(torch.bfloat16)
+
+    def run():
+        return gradients(q, k, v, b, m, grad_out, lambda *a: fwagen.window_attention(*a))
+
+    first, second = run(), run()
+    for name, a, c in zip(("dq", "dk", "dv", "dbias"), first, second):
+        assert torch.equal(a, c), f"{name} differs between two runs"
+
+
+def test_mask_requiring_grad_is_refused():
+    q, k, v, b, m = make_inputs(4, 2, 16, 32, torch.float16, mask_windows=2)
+    with pytest.raises(ValueError, match="mask"):
+        fwagen.window_attention(q, k, v, b, m.requires_grad_())
+
+
+def test_small_backward_grid_for_sanitizer():
+    """A few tiny backward launches; the device run executes this one under compute-sanitizer."""
+    for dtype, n, d in (("float16", 49, 32), ("bfloat16", 9, 16), ("float16", 64, 64)):
+        run_case(4, 2, n, d, DTYPES[dtype], bias=True, mask_windows=2, qkv_strided=True, token_major=True)
