@@ -66,7 +66,10 @@ def run_case(windows, heads, n, d, dtype, *, bias, mask_windows, qkv_strided, to
     for name, g, e, x in zip(("dq", "dk", "dv", "dbias"), got, eager, expected):
         assert g is not None and torch.isfinite(g).all(), f"{name}: missing or non-finite"
         error = (g.double() - x).abs().max().item()
-        allowed = 2 * (e.double() - x).abs().max().item() + RELATIVE_FLOOR[dtype] * x.abs().max().item()
+        # Plus one unit in the last place at the gradient's scale (at least 1: with N = 1 the true dq and dk
+        # are exactly zero, which eager hits exactly and any other summation order misses by rounding).
+        floor = RELATIVE_FLOOR[dtype] * max(x.abs().max().item(), 1.0)
+        allowed = 2 * (e.double() - x).abs().max().item() + floor
         assert error <= allowed, f"{name}: error {error:.3g} > allowed {allowed:.3g}"
     return got
 
