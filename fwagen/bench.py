@@ -29,6 +29,8 @@ DEFAULT_DTYPES = ("float16", "bfloat16")
 # Max abs error against float64 beyond which an output is flagged wrong; eager PyTorch rounds the logits
 # to the input dtype (unit roundoff 2^-11 in fp16, 2^-8 in bf16) and its error sits well inside these.
 TOLERANCE = {"float16": 2e-2, "bfloat16": 1e-1}
+# Gradients are checked relative to their largest element (dbias sums over every window).
+TRAIN_TOLERANCE = {"float16": 2e-2, "bfloat16": 1e-1}
 
 
 @dataclass(frozen=True)
@@ -103,9 +105,11 @@ def forward_flops(shape: Shape) -> int:
     return 4 * shape.windows * shape.heads * shape.n * shape.n * shape.d
 
 
-def floor_ms(shape: Shape, elem_size: int, copy_gbs: float, tflops: float) -> float:
-    memory_s = forward_bytes(shape, elem_size) / (copy_gbs * 1e9)
-    compute_s = forward_flops(shape) / (tflops * 1e12)
+def floor_ms(shape: Shape, elem_size: int, copy_gbs: float, tflops: float, train: bool = False) -> float:
+    """Forward, or with `train` forward plus backward: the backward reads q, k, v, o, dO and writes dq, dk, dv
+    (twice the forward's bytes) and does 10 N^2 d flops against the forward's 4 (DESIGN.md section 2)."""
+    memory_s = forward_bytes(shape, elem_size) * (3 if train else 1) / (copy_gbs * 1e9)
+    compute_s = forward_flops(shape) * (14 / 4 if train else 1) / (tflops * 1e12)
     return max(memory_s, compute_s) * 1e3
 
 
@@ -233,6 +237,31 @@ IMPLEMENTATIONS: dict[str, Callable[[Inputs], Callable[[], torch.Tensor]]] = {
 }
 
 
+def with_grad_leaves(x: Inputs) -> Inputs:
+    """The same inputs as fresh leaves that require grad (q, k, v and a learnable bias); the mask never does."""
+    leaf = lambda t: t.detach().clone().requires_grad_()  # noqa: E731
+    return Inputs(leaf(x.q), leaf(x.k), leaf(x.v), leaf(x.bias), x.mask, x.nw, x.scale)
+
+
+def build_train(build, x: Inputs, grad_out: torch.Tensor) -> Callable[[], tuple[torch.Tensor, ...]]:
+    """One forward plus backward of an implementation: the gradients of q, k, v and bias."""
+    forward = build(x)
+    leaves = (x.q, x.k, x.v, x.bias)
+    return lambda: torch.autograd.grad(forward(), leaves, grad_out)
+
+
+def reference_grads(x: Inputs, grad_out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    leaves = [t.detach().double().requires_grad_() for t in (x.q, x.k, x.v, x.bias)]
+    mask = None if x.mask is None else x.mask.double()
+    out = eager_attention(*leaves[:3], leaves[3], mask, x.nw, x.scale)
+    return torch.autograd.grad(out, leaves, grad_out.double())
+
+
+def relative_error(got: Sequence[torch.Tensor], expected: Sequence[torch.Tensor]) -> float:
+    """Worst over the gradients of max |got - expected| / max |expected|."""
+    return max(((g.double() - e).abs().max() / e.abs().max()).item() for g, e in zip(got, expected))
+
+
 # --- measuring -----------------------------------------------------------------------------------------
 
 
@@ -250,16 +279,47 @@ def measure(build, x: Inputs, ref: torch.Tensor, tolerance: float) -> dict:
     return result
 
 
-def bench_case(case: Case, ceilings: dict, impls=IMPLEMENTATIONS) -> list[dict]:
+def measure_train(build, x: Inputs, grad_out: torch.Tensor, expected, tolerance: float) -> dict:
+    """Check the gradients (relative error), then time forward plus backward and record its peak memory
+    above what the inputs already hold. A failure is recorded, never raised."""
+    result: dict = {}
+    try:
+        fn = build_train(build, with_grad_leaves(x), grad_out)
+        result["err"] = relative_error(fn(), expected)
+        result["ok"] = result["err"] <= tolerance
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        result["peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        timing = time_cuda(fn)
+        result.update(ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, spread=timing.spread)
+    except Exception as exc:  # noqa: BLE001 - any failure of a candidate is a measurement
+        result["error"] = f"{type(exc).__name__}: {exc}"
+    return result
+
+
+def bench_case(case: Case, ceilings: dict, impls=IMPLEMENTATIONS, train: bool = False) -> list[dict]:
     x = make_inputs(case)
-    ref = reference_output(x)
-    floor = floor_ms(case.shape, x.q.element_size(), ceilings["copy_gbs"], ceilings["matmul_tflops"][case.dtype])
+    floor = floor_ms(case.shape, x.q.element_size(), ceilings["copy_gbs"], ceilings["matmul_tflops"][case.dtype],
+                     train)
+    if train:
+        grad_out = torch.randn_like(x.q)
+        expected = reference_grads(x, grad_out)
+        # The gradients' sizes: what a training step must hold anyway, the scale of the peak-memory column.
+        grads_mb = sum(t.numel() * t.element_size() for t in expected) / 2 / 2**20
+    else:
+        ref = reference_output(x)
     s = case.shape
     rows = []
     for name, build in impls.items():
         row = dict(shape=s.name, windows=s.windows, heads=s.heads, n=s.n, d=s.d, nw=s.nw, dtype=case.dtype)
         row.update(mask=case.masked, impl=name, floor_ms=floor, ms=None, spread=None, err=None, ok=None, error=None)
-        row.update(measure(build, x, ref, TOLERANCE[case.dtype]))
+        if train:
+            row.update(measure_train(build, x, grad_out, expected, TRAIN_TOLERANCE[case.dtype]), grads_mb=grads_mb)
+        else:
+            row.update(measure(build, x, ref, TOLERANCE[case.dtype]))
         row["x_floor"] = row["ms"] / floor if row["ms"] is not None else None
         rows.append(row)
     return rows
@@ -284,9 +344,11 @@ def _note(row: dict) -> str:
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
+    train = any("peak_mb" in r or "grads_mb" in r for r in rows)
     lines = [
-        "| shape | dtype | mask | impl | ms | floor ms | x floor | spread | err | note |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---|",
+        "| shape | dtype | mask | impl | ms | floor ms | x floor | spread | err | "
+        + ("peak MB | grads MB | " if train else "") + "note |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if train else "") + "---|",
     ]
     for r in rows:
         cells = (
@@ -299,6 +361,7 @@ def markdown_table(rows: Sequence[dict]) -> str:
             _cell(r.get("x_floor"), ".1f"),
             _cell(r.get("spread"), ".0%"),
             _cell(r.get("err"), ".1e"),
+            *((_cell(r.get("peak_mb"), ".0f"), _cell(r.get("grads_mb"), ".0f")) if train else ()),
             _note(r),
         )
         lines.append("| " + " | ".join(cells) + " |")
@@ -327,19 +390,22 @@ def _json_safe(value):
     return value
 
 
-def write_reports(rows: list[dict], env: dict, ceilings: dict, out_dir: str | Path) -> tuple[Path, Path]:
+def write_reports(rows: list[dict], env: dict, ceilings: dict, out_dir: str | Path,
+                  kind: str = "forward") -> tuple[Path, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{gpu_slug(env['device'])}-forward"
+    stem = out / f"{gpu_slug(env['device'])}-{kind}"
     report = {**env, "ceilings": ceilings, "rows": rows}
     json_path = stem.with_suffix(".json")
     json_path.write_text(json.dumps(_json_safe(report), indent=1) + "\n")
     rates = ", ".join(f"{dtype} {tf:.0f} TFLOP/s" for dtype, tf in ceilings["matmul_tflops"].items())
     header = (
-        f"# Forward window attention on {env['device']}\n\n"
+        f"# Window attention ({kind}) on {env['device']}\n\n"
         f"torch {env['torch']}, CUDA {env['cuda']}, {env['date']}. "
         f"Copy bandwidth {ceilings['copy_gbs']:.0f} GB/s (read + written); matmul {rates}.\n"
-        "ms: median; spread: (p80 - p20) / median; err: max abs error against float64.\n\n"
+        "ms: median; spread: (p80 - p20) / median; err: max abs error against float64 (train: of the\n"
+        "gradients of q, k, v and bias, relative to the largest element); peak MB: memory one forward plus\n"
+        "backward allocates above its inputs; grads MB: the size of the q, k, v and bias gradients.\n\n"
     )
     md_path = stem.with_suffix(".md")
     md_path.write_text(header + markdown_table(rows))
@@ -354,6 +420,7 @@ def run_bench(
     dtypes: Sequence[str] = DEFAULT_DTYPES,
     out_dir: str | Path = "bench/results",
     quick: bool = False,
+    train: bool = False,
 ) -> list[dict]:
     """Benchmark every case; with quick and no shapes given, only Swin-T stage 1 (a smoke run)."""
     require_cuda()
@@ -362,19 +429,20 @@ def run_bench(
     ceilings = measure_ceilings(dtypes)
     rows: list[dict] = []
     for case in cases(shapes, dtypes):
-        case_rows = bench_case(case, ceilings)
+        case_rows = bench_case(case, ceilings, train=train)
         rows.extend(case_rows)
         summary = ", ".join(f"{r['impl']} {_cell(r['ms'], '.3f')}" for r in case_rows)
         print(f"{case.name}: {summary} ms", file=sys.stderr, flush=True)
-    json_path, md_path = write_reports(rows, environment(), ceilings, out_dir)
+    json_path, md_path = write_reports(rows, environment(), ceilings, out_dir, "train" if train else "forward")
     print(markdown_table(rows))
     print(f"wrote {json_path} and {md_path}", file=sys.stderr)
     return rows
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench", description="Forward window-attention benchmark.")
+    parser = argparse.ArgumentParser(prog="bench", description="Window-attention benchmark.")
     parser.add_argument("--quick", action="store_true", help="Swin-T stage 1 only: a smoke run")
+    parser.add_argument("--train", action="store_true", help="time forward plus backward, with peak memory")
     parser.add_argument("--out", default="bench/results", help="folder for the .json and .md reports")
     parser.add_argument("--dtype", action="append", choices=DEFAULT_DTYPES, help="repeat for several; default both")
     parser.add_argument(
@@ -382,7 +450,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     shapes = [s for s in SHAPES if s.name in args.shape] if args.shape else None
-    run_bench(shapes=shapes, dtypes=tuple(args.dtype or DEFAULT_DTYPES), out_dir=args.out, quick=args.quick)
+    run_bench(shapes=shapes, dtypes=tuple(args.dtype or DEFAULT_DTYPES), out_dir=args.out, quick=args.quick,
+              train=args.train)
     return 0
 
 
