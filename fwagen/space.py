@@ -33,6 +33,8 @@ def static_violation(variant: Variant, arch: str = "sm_90") -> str | None:
             return "P, dS and dbias accumulators exceed the register budget (backward covers small windows)"
         if variant.min_blocks * variant.threads * 32 > REGISTERS_PER_SM:
             return f"{variant.min_blocks} blocks of {variant.threads} threads leave under 32 registers a thread"
+        if variant.min_blocks * variant.smem_bytes > max_smem(arch):
+            return f"{variant.min_blocks} blocks of {variant.smem_bytes} B shared memory do not fit one SM"
         return None
     if isinstance(variant, SimtVariant):
         if variant.problem.head_dim % variant.threads_per_row:
@@ -125,7 +127,7 @@ def default_variant(problem: Problem, arch: str = "sm_90") -> Variant:
 def backward_candidates(problem: Problem, arch: str = "sm_90") -> tuple[list[Variant], dict[str, str]]:
     legal, pruned = [], {}
     if problem.uses_tensor_cores:
-        for stages, min_blocks in itertools.product((1, 2), (1, 2)):
+        for stages, min_blocks in itertools.product((1, 2), (1, 2, 3, 4)):
             variant = BackwardVariant(problem, stages=stages, min_blocks=min_blocks)
             reason = static_violation(variant, arch)
             if reason is None:

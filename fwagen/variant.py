@@ -157,7 +157,7 @@ class BackwardVariant:
 
     A block owns one (head, mask window) pair and walks its windows; warp w recomputes P for query rows
     [16w, 16w+16), forms dS and dQ, then computes dK and dV for key rows [16w, 16w+16) from P and dS staged in
-    shared memory. dbias is accumulated in registers over the block's windows and written once per block.
+    shared memory. dbias is accumulated in shared memory over the block's windows and written once per block.
     """
 
     problem: Problem
@@ -180,9 +180,9 @@ class BackwardVariant:
     @property
     def smem_bytes(self) -> int:
         elem = ELEMENT_BYTES[self.problem.dtype]
-        tiles = self.stages * 4 * self.n_pad * self.smem_row_elems * elem  # q, k, v, dO
+        tiles = self.stages * 5 * self.n_pad * self.smem_row_elems * elem  # q, k, v, dO, O
         staged = 2 * self.n_pad * (self.n_pad + 8) * elem  # P and dS
-        return tiles + staged + self.n_pad * self.n_pad * 4  # + the (bias + mask) term
+        return tiles + staged + 2 * self.n_pad * self.n_pad * 4  # + the (bias + mask) term and dbias sums
 
     def grid(self, windows: int, heads: int, mask_windows: int, resident_blocks: int) -> tuple[int, int]:
         pair_windows = max(mask_windows, 1)
