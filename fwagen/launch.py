@@ -66,6 +66,8 @@ def kernel_ready(*tensors: torch.Tensor) -> bool:
             return False
         if t.data_ptr() % 16 or any((s * size) % 16 for s in t.stride()[:-1]):
             return False
+        if t.dim() == 4 and t.shape[2] * t.stride(2) >= 2**31:  # in-window offsets are 32-bit in the kernels
+            return False
     return True
 
 
@@ -88,9 +90,11 @@ def _pointer(t: torch.Tensor | None) -> np.uint64:
     return np.uint64(0 if t is None else t.data_ptr())
 
 
-def _strides(t: torch.Tensor) -> list[np.int64]:
-    # (windows, heads, tokens) strides in elements; the head dim is contiguous.
-    return [np.int64(s) for s in t.stride()[:3]]
+def _strides(t: torch.Tensor) -> list:
+    """(window, head, token) strides in elements (the head dim is contiguous); the token stride is 32-bit,
+    which `kernel_ready` guarantees is enough for the rows of one window."""
+    window, head, token = t.stride()[:3]
+    return [np.int64(window), np.int64(head), np.int32(token)]
 
 
 def launch_forward(variant: Variant, q, k, v, out, lse, bias, mask, scale: float) -> None:

@@ -82,21 +82,25 @@ template <> __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Copy `rows` rows of `cols` (a multiple of 16 bytes' worth) elements into shared memory with row pitch
-// `pitch`, 16 bytes per thread per step. Rows at or past `valid_rows` and columns at or past `valid_cols`
-// are zero-filled. `row_stride` is in elements.
-template <typename T, int ROWS, int COLS, int THREADS>
-__device__ __forceinline__ void load_tile_async(T* smem, int pitch, const T* base, long long row_stride,
-                                                int first_row, int valid_rows, int valid_cols, bool valid_item) {
+// Copy ROWS rows of COLS (a multiple of 16 bytes' worth) elements into shared memory with row pitch PITCH,
+// 16 bytes per thread per step, fully unrolled so that the chunk -> (row, column) split is compile-time
+// arithmetic. Rows at or past `valid_rows` and columns at or past `valid_cols` are zero-filled. `row_stride`
+// is in elements; a window's rows span less than 2^31 elements (checked by the launcher).
+template <typename T, int ROWS, int COLS, int PITCH, int THREADS>
+__device__ __forceinline__ void load_tile_async(T* smem, const T* base, int row_stride, int first_row,
+                                                int valid_rows, int valid_cols, bool valid_item) {
   constexpr int VEC = 16 / sizeof(T);
-  constexpr int CHUNKS = ROWS * (COLS / VEC);
-  for (int c = threadIdx.x; c < CHUNKS; c += THREADS) {
-    const int r = c / (COLS / VEC);
-    const int col = (c % (COLS / VEC)) * VEC;
+  constexpr int PER_ROW = COLS / VEC;
+  constexpr int CHUNKS = ROWS * PER_ROW;
+  constexpr int ITERS = (CHUNKS + THREADS - 1) / THREADS;
+#pragma unroll
+  for (int i = 0; i < ITERS; ++i) {
+    const unsigned c = threadIdx.x + i * THREADS;
+    if (CHUNKS % THREADS != 0 && c >= CHUNKS) break;
+    const int r = c / PER_ROW, col = (c % PER_ROW) * VEC;
     const int row = first_row + r;
     const bool in = valid_item && row < valid_rows && col < valid_cols;
-    const T* src = in ? base + row * row_stride + col : base;
-    cp_async16(smem + r * pitch + col, src, in ? 16 : 0);
+    cp_async16(smem + r * PITCH + col, in ? base + (row * row_stride + col) : base, in ? 16 : 0);
   }
 }
 
