@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 
-from .compiler import DEFAULT_MAX_SMEM, MAX_SMEM_PER_BLOCK, Resources
+from .compiler import DEFAULT_MAX_SMEM, MAX_SMEM_PER_BLOCK, Resources, compile_variant
 from .problem import Problem, pad_to
 from .variant import BackwardVariant, ForwardVariant, SimtVariant, Variant
 
@@ -102,25 +102,30 @@ def candidates(problem: Problem, arch: str = "sm_90") -> tuple[list[Variant], di
 # None stands for the padded window. Ordered from sweeps of every legal variant on an H200
 # (bench/results/*-sweep.json); the first one legal on the target architecture is used.
 _DEFAULT_PREFERENCE = {
-    64: [(1, 32, 16, None, 1), (1, 64, 16, None, 2)],
-    144: [(1, 64, 16, None, 2), (1, 32, 16, None, 2)],
-    1024: [(2, 64, 16, 64, 2), (4, 64, 16, 64, 1), (1, 64, 16, 64, 2), (1, 32, 16, 64, 2), (1, 16, 16, 64, 2),
+    64: [(1, 64, 16, None, 2), (1, 32, 16, None, 1)],
+    144: [(1, None, 16, None, 2), (1, 64, 16, None, 2), (1, 32, 16, None, 2)],
+    1024: [(4, 64, 16, 32, 2), (2, 64, 16, 64, 2), (4, 64, 16, 64, 1), (1, 64, 16, 64, 2), (1, 32, 16, 64, 2), (1, 16, 16, 64, 2),
            (1, 16, 16, 32, 2), (1, 16, 16, 16, 1)],
 }
 
 
 def default_variant(problem: Problem, arch: str = "sm_90") -> Variant:
-    """The untuned choice: legal on `arch`, the baseline that tuned winners are measured against."""
+    """The untuned choice: legal on `arch` and compiled there without spills (ptxas may spill a preference
+    on one architecture or dtype and not another; the next preference is taken), the baseline that tuned
+    winners are measured against."""
     if not problem.uses_tensor_cores:
         return SimtVariant(problem, query_chunk=64, threads_per_row=4, key_tile=32)
     n_pad = pad_to(problem.n, 16)
     preference = [entry for limit, entries in sorted(_DEFAULT_PREFERENCE.items()) if n_pad <= limit
                   for entry in entries] + _DEFAULT_PREFERENCE[1024]
     for wpb, chunk, rows, tile, stages in preference:
+        chunk = chunk or n_pad
         variant = ForwardVariant(problem, windows_per_block=wpb, query_chunk=min(chunk, pad_to(n_pad, rows)),
                                  rows_per_warp=rows, key_tile=min(tile or n_pad, n_pad), stages=stages)
         if static_violation(variant, arch) is None:
-            return variant
+            resources = compile_variant(variant, arch).resources
+            if resources.spill_bytes == 0 and resource_violation(variant, resources) is None:
+                return variant
     raise AssertionError(f"no default variant is legal for {problem.key()} on {arch}")
 
 
@@ -141,5 +146,6 @@ def default_backward(problem: Problem, arch: str = "sm_90") -> BackwardVariant |
     """The backward kernel for `problem`, or None where none covers it (the op then differentiates the
     PyTorch reference)."""
     legal, _ = backward_candidates(problem, arch)
-    # Prefetching the next window (stages=2) measured fastest on an H200 for Swin-T's windows of 7.
-    return min(legal, key=lambda v: (v.stages != 2, v.min_blocks), default=None)
+    # One stage, registers capped for three blocks per SM, measured fastest on an H200 for windows of 7 and 8
+    # (bench/sweep_backward.py); the next legal choices follow.
+    return min(legal, key=lambda v: (v.stages, abs(v.min_blocks - 3)), default=None)
