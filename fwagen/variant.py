@@ -99,13 +99,16 @@ class ForwardVariant:
         return tiles + self.logit_add_bytes
 
     def grid(self, windows: int, heads: int, mask_windows: int, resident_blocks: int) -> tuple[int, int]:
-        """(blocks, splits) for a call: enough blocks per (head, mask window, query chunk) to fill the GPU
-        once (`resident_blocks` is how many it holds at once), each walking `splits`-strided windows."""
+        """(blocks, units per block) for a call. A unit is one group of windows of one (head, mask window,
+        query chunk); blocks take equal contiguous runs of units, no more blocks than the GPU holds at once
+        (`resident_blocks`), so every block runs in the first and only wave."""
         pair_windows = max(mask_windows, 1)
-        owners = heads * pair_windows * self.chunks_per_item
-        groups = -(-(-(-windows // pair_windows)) // self.windows_per_block)
-        splits = max(1, min(groups, -(-resident_blocks // owners)))
-        return owners * splits, splits
+        groups = -(-(windows // pair_windows) // self.windows_per_block)
+        units = heads * pair_windows * self.chunks_per_item * groups
+        if units == 0:
+            return 0, 1
+        per_block = -(-units // min(resident_blocks, units))
+        return -(-units // per_block), per_block
 
 
 @dataclass(frozen=True)
@@ -185,9 +188,12 @@ class BackwardVariant:
         return tiles + staged + 2 * self.n_pad * self.n_pad * 4  # + the (bias + mask) term and dbias sums
 
     def grid(self, windows: int, heads: int, mask_windows: int, resident_blocks: int) -> tuple[int, int]:
+        # Whole (head, mask window) pairs per block keep dbias one partial sum per block; as many splits of
+        # each pair's windows as fit in one wave (rounding down: a second, nearly empty wave would cost a
+        # whole wave's time).
         pair_windows = max(mask_windows, 1)
         pairs = heads * pair_windows
-        splits = max(1, min(-(-windows // pair_windows), -(-resident_blocks // pairs)))
+        splits = max(1, min(windows // pair_windows, resident_blocks // pairs))
         return pairs * splits, splits
 
 
