@@ -105,13 +105,13 @@ def launch_forward(variant: Variant, q, k, v, out, lse, bias, mask, scale: float
     loaded = load_kernel(variant, device.index)
     windows, heads, _, _ = q.shape
     mask_windows = 0 if mask is None else mask.shape[0]
-    blocks, per_block = variant.grid(windows, heads, mask_windows, loaded.resident_blocks)
+    blocks, splits = variant.grid(windows, heads, mask_windows, loaded.resident_blocks)
     if blocks == 0:
         return
     args = (
         _pointer(q), _pointer(k), _pointer(v), *_strides(q), *_strides(k), *_strides(v),
         _pointer(out), *_strides(out), _pointer(lse), _pointer(bias), _pointer(mask),
-        np.int32(windows), np.int32(heads), np.int32(mask_windows), np.float32(scale * LOG2E), np.int32(per_block),
+        np.int32(windows), np.int32(heads), np.int32(mask_windows), np.float32(scale * LOG2E), np.int32(splits),
     )
     with cupy.cuda.Device(device.index):
         loaded.function((blocks,), (variant.threads,), args, shared_mem=variant.smem_bytes,

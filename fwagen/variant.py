@@ -99,16 +99,17 @@ class ForwardVariant:
         return tiles + self.logit_add_bytes
 
     def grid(self, windows: int, heads: int, mask_windows: int, resident_blocks: int) -> tuple[int, int]:
-        """(blocks, units per block) for a call. A unit is one group of windows of one (head, mask window,
-        query chunk); blocks take equal contiguous runs of units, no more blocks than the GPU holds at once
-        (`resident_blocks`), so every block runs in the first and only wave."""
+        """(blocks, splits) for a call: enough blocks per (head, mask window, query chunk) to fill the GPU
+        once (`resident_blocks` is how many it holds at once), each walking `splits`-strided windows.
+        (Contiguous runs of units with exactly one wave of blocks measured slower on an H200 for most
+        variants, e.g. Swin-T stage 3 0.051 against 0.043 ms for the best.)"""
         pair_windows = max(mask_windows, 1)
+        owners = heads * pair_windows * self.chunks_per_item
         groups = -(-(windows // pair_windows) // self.windows_per_block)
-        units = heads * pair_windows * self.chunks_per_item * groups
-        if units == 0:
+        if groups == 0:
             return 0, 1
-        per_block = -(-units // min(resident_blocks, units))
-        return -(-units // per_block), per_block
+        splits = max(1, min(groups, -(-resident_blocks // owners)))
+        return owners * splits, splits
 
 
 @dataclass(frozen=True)
