@@ -7,6 +7,7 @@ reuses a stale binary.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -151,6 +152,7 @@ def _nvrtc_compile(source: str, name: str, arch: str, folder: Path) -> tuple[byt
         nvrtc.destroyProgram(program)
 
 
+@functools.lru_cache(maxsize=None)
 def device_arch(device_index: int | None = None) -> str:
     import torch
 
@@ -160,7 +162,8 @@ def device_arch(device_index: int | None = None) -> str:
 
 @dataclass(frozen=True)
 class LoadedKernel:
-    function: object  # cupy.RawKernel
+    function: object  # cupy.RawKernel; keeps the module loaded
+    handle: int  # its CUfunction, for cuLaunchKernel
     resident_blocks: int  # blocks of this kernel the whole GPU holds at once
 
 
@@ -184,5 +187,5 @@ def load_kernel(variant: Variant, device_index: int) -> LoadedKernel:
             per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(
                 function.kernel.ptr, variant.threads, variant.smem_bytes)
         sms = torch.cuda.get_device_properties(device_index).multi_processor_count
-        loaded = _loaded[slot] = LoadedKernel(function, max(per_sm, 1) * sms)
+        loaded = _loaded[slot] = LoadedKernel(function, function.kernel.ptr, max(per_sm, 1) * sms)
     return loaded

@@ -6,9 +6,9 @@ unit stride along the head dim). `launch_forward` launches a compiled variant on
 """
 from __future__ import annotations
 
-import warnings
+import ctypes
+import struct
 
-import numpy as np
 import torch
 
 from .compiler import load_kernel
@@ -59,48 +59,60 @@ def validate(q, k, v, bias=None, mask=None) -> None:
 
 
 def kernel_ready(*tensors: torch.Tensor) -> bool:
-    """True when every tensor has a unit-stride last dim and 16-byte aligned base and row/head/window strides."""
+    """True when every tensor has a unit-stride last dim and 16-byte aligned base and row/head/window strides,
+    and one window's rows span less than 2^31 elements (in-window offsets are 32-bit in the kernels)."""
     for t in tensors:
         size = t.element_size()
-        if t.stride(-1) != 1 and t.shape[-1] > 1:
+        window, head, token, last = t.stride()
+        if last != 1 and t.shape[3] > 1:
             return False
-        if t.data_ptr() % 16 or any((s * size) % 16 for s in t.stride()[:-1]):
+        if (t.data_ptr() | window * size | head * size | token * size) & 15:
             return False
-        if t.dim() == 4 and t.shape[2] * t.stride(2) >= 2**31:  # in-window offsets are 32-bit in the kernels
+        if t.shape[2] * token >= 2**31:
             return False
     return True
 
 
-_streams: dict[int, object] = {}
+# Kernel parameters packed as the C ABI lays them out (struct's native mode aligns each field as the compiler
+# does) and handed to cuLaunchKernel in one buffer: a call costs a few microseconds of host time instead of the
+# tens that building one numpy scalar per argument took.
+_TENSOR = "Pqqi"  # pointer, window and head strides (64-bit), token stride (32-bit)
+_FORWARD_ARGS = struct.Struct("@" + "PPPqqiqqiqqi" + _TENSOR + "PPP" + "iiifi")
+_BACKWARD_ARGS = struct.Struct("@" + "PPPqqiqqiqqi" + "PPqqi" + "PPP" + "PPPqqi" + "P" + "iiifi")
+_LAUNCH_END, _LAUNCH_BUFFER, _LAUNCH_SIZE = 0, 1, 2  # CU_LAUNCH_PARAM_END, _BUFFER_POINTER, _BUFFER_SIZE
 
 
-def _current_stream(device: torch.device):
-    import cupy
-
-    handle = torch.cuda.current_stream(device).cuda_stream
-    stream = _streams.get(handle)
-    if stream is None:
-        with warnings.catch_warnings():  # CuPy 14 deprecates ExternalStream; CuPy 12/13 lack its successor
-            warnings.simplefilter("ignore", DeprecationWarning)
-            stream = _streams[handle] = cupy.cuda.ExternalStream(handle, device.index)
-    return stream
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """(window, head, token) strides in elements; the head dim is contiguous (see kernel_ready)."""
+    return t.stride()[:3]
 
 
-def _pointer(t: torch.Tensor | None) -> np.uint64:
-    return np.uint64(0 if t is None else t.data_ptr())
+def _pointer(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
 
 
-def _strides(t: torch.Tensor) -> list:
-    """(window, head, token) strides in elements (the head dim is contiguous); the token stride is 32-bit,
-    which `kernel_ready` guarantees is enough for the rows of one window."""
-    window, head, token = t.stride()[:3]
-    return [np.int64(window), np.int64(head), np.int32(token)]
+def _current_stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _launch(loaded, variant: Variant, blocks: int, packed: bytes, device: torch.device) -> None:
+    from cupy_backends.cuda.api import driver
+
+    buffer = ctypes.create_string_buffer(packed, len(packed))
+    size = ctypes.c_size_t(len(packed))
+    extra = (ctypes.c_void_p * 5)(_LAUNCH_BUFFER, ctypes.addressof(buffer), _LAUNCH_SIZE, ctypes.addressof(size),
+                                  _LAUNCH_END)
+    if device.index != torch.cuda.current_device():
+        with torch.cuda.device(device.index):
+            driver.launchKernel(loaded.handle, blocks, 1, 1, variant.threads, 1, 1, variant.smem_bytes,
+                                _current_stream(device), 0, ctypes.addressof(extra))
+    else:
+        driver.launchKernel(loaded.handle, blocks, 1, 1, variant.threads, 1, 1, variant.smem_bytes,
+                            _current_stream(device), 0, ctypes.addressof(extra))
 
 
 def launch_forward(variant: Variant, q, k, v, out, lse, bias, mask, scale: float) -> None:
     """Launch `variant` writing `out` (any strides with a unit last stride) and `lse` (windows, heads, N)."""
-    import cupy
-
     device = q.device
     loaded = load_kernel(variant, device.index)
     windows, heads, _, _ = q.shape
@@ -108,21 +120,17 @@ def launch_forward(variant: Variant, q, k, v, out, lse, bias, mask, scale: float
     blocks, splits = variant.grid(windows, heads, mask_windows, loaded.resident_blocks)
     if blocks == 0:
         return
-    args = (
-        _pointer(q), _pointer(k), _pointer(v), *_strides(q), *_strides(k), *_strides(v),
-        _pointer(out), *_strides(out), _pointer(lse), _pointer(bias), _pointer(mask),
-        np.int32(windows), np.int32(heads), np.int32(mask_windows), np.float32(scale * LOG2E), np.int32(splits),
+    packed = _FORWARD_ARGS.pack(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), *_strides(q), *_strides(k), *_strides(v),
+        out.data_ptr(), *_strides(out), lse.data_ptr(), _pointer(bias), _pointer(mask),
+        windows, heads, mask_windows, scale * LOG2E, splits,
     )
-    with cupy.cuda.Device(device.index):
-        loaded.function((blocks,), (variant.threads,), args, shared_mem=variant.smem_bytes,
-                        stream=_current_stream(device))
+    _launch(loaded, variant, blocks, packed, device)
 
 
 def launch_backward(variant: Variant, q, k, v, out, dout, lse, bias, mask, scale: float):
     """Gradients of q, k, v (views into one (windows, N, 3, heads, d) buffer) and, when `bias` is given, of the
     bias, summed over windows in a fixed order (per-block float32 partials, then one reduction)."""
-    import cupy
-
     device = q.device
     windows, heads, n, d = q.shape
     if dout.stride() != out.stride():
@@ -133,15 +141,13 @@ def launch_backward(variant: Variant, q, k, v, out, dout, lse, bias, mask, scale
     grads = torch.empty(windows, n, 3, heads, d, dtype=q.dtype, device=device)
     dq, dk, dv = (grads[:, :, i].transpose(1, 2) for i in range(3))
     partial = torch.empty(blocks, n, n, dtype=torch.float32, device=device)
-    args = (
-        _pointer(q), _pointer(k), _pointer(v), *_strides(q), *_strides(k), *_strides(v),
-        _pointer(out), _pointer(dout), *_strides(out), _pointer(lse), _pointer(bias), _pointer(mask),
-        _pointer(dq), _pointer(dk), _pointer(dv), *_strides(dq), _pointer(partial),
-        np.int32(windows), np.int32(heads), np.int32(mask_windows), np.float32(scale), np.int32(splits),
+    packed = _BACKWARD_ARGS.pack(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), *_strides(q), *_strides(k), *_strides(v),
+        out.data_ptr(), dout.data_ptr(), *_strides(out), lse.data_ptr(), _pointer(bias), _pointer(mask),
+        dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), *_strides(dq), partial.data_ptr(),
+        windows, heads, mask_windows, scale, splits,
     )
-    with cupy.cuda.Device(device.index):
-        loaded.function((blocks,), (variant.threads,), args, shared_mem=variant.smem_bytes,
-                        stream=_current_stream(device))
+    _launch(loaded, variant, blocks, packed, device)
     dbias = None
     if bias is not None:
         dbias = partial.view(max(mask_windows, 1), heads, splits, n, n).sum(dim=(0, 2))

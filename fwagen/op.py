@@ -7,6 +7,7 @@ warning that says why. The backward runs a kernel for float16/bfloat16 windows i
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -38,11 +39,18 @@ def _no_kernel_reason(q: torch.Tensor) -> str | None:
         return f"no kernel for N={n} tokens per window (kernels cover 1..{MAX_N})"
     if d % 8 or not 8 <= d <= MAX_HEAD_DIM:
         return f"no kernel for head_dim={d} (kernels cover multiples of 8 up to {MAX_HEAD_DIM})"
+    if not _cupy_available():
+        return "CuPy is not installed (pip install 'fwagen[cuda13]' or 'fwagen[cuda12]')"
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _cupy_available() -> bool:
     try:
         import cupy  # noqa: F401
     except ImportError:
-        return "CuPy is not installed (pip install 'fwagen[cuda13]' or 'fwagen[cuda12]')"
-    return None
+        return False
+    return True
 
 
 def _to_layout(out_bhnd: torch.Tensor, token_major: bool) -> torch.Tensor:
