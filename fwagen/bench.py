@@ -325,6 +325,40 @@ def bench_case(case: Case, ceilings: dict, impls=IMPLEMENTATIONS, train: bool = 
     return rows
 
 
+def host_overhead_us(calls: int = 2000) -> dict:
+    """Host microseconds per call of the public op, of the bare kernel launch it ends in, and of the dispatch
+    lookup alone, on a problem too small for the GPU to be the bottleneck."""
+    import time
+
+    import fwagen
+    from fwagen import dispatch
+    from fwagen.compiler import device_arch
+    from fwagen.launch import launch_forward
+    from fwagen.problem import Problem
+
+    q, k, v = (torch.randn(8, 2, 49, 32, dtype=torch.float16, device="cuda") for _ in range(3))
+    bias = torch.randn(2, 49, 49, device="cuda")
+    problem, arch = Problem(49, 32, "float16", True, False), device_arch(q.device.index)
+    variant = dispatch.choose_for(problem, 16, arch).variant
+    out, lse = torch.empty_like(q), torch.empty(8, 2, 49, device="cuda")
+
+    def per_call(fn) -> float:
+        fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        elapsed = time.perf_counter() - start
+        torch.cuda.synchronize()
+        return elapsed / calls * 1e6
+
+    return {
+        "op_us": per_call(lambda: fwagen.window_attention(q, k, v, bias)),
+        "launch_us": per_call(lambda: launch_forward(variant, q, k, v, out, lse, bias, None, 0.17)),
+        "dispatch_us": per_call(lambda: dispatch.choose_for(problem, 16, arch)),
+    }
+
+
 # --- reports -------------------------------------------------------------------------------------------
 
 
@@ -403,6 +437,10 @@ def write_reports(rows: list[dict], env: dict, ceilings: dict, out_dir: str | Pa
         f"# Window attention ({kind}) on {env['device']}\n\n"
         f"torch {env['torch']}, CUDA {env['cuda']}, {env['date']}. "
         f"Copy bandwidth {ceilings['copy_gbs']:.0f} GB/s (read + written); matmul {rates}.\n"
+        + (f"Host time per call: {env['host_overhead_us']['op_us']:.1f} us for fwagen.window_attention, "
+           f"{env['host_overhead_us']['launch_us']:.1f} us for the bare launch inside it, "
+           f"{env['host_overhead_us']['dispatch_us']:.2f} us for the dispatch lookup.\n"
+           if "host_overhead_us" in env else "")
         "ms: median; spread: (p80 - p20) / median; err: max abs error against float64 (train: of the\n"
         "gradients of q, k, v and bias, relative to the largest element); peak MB: memory one forward plus\n"
         "backward allocates above its inputs; grads MB: the size of the q, k, v and bias gradients.\n\n"
@@ -433,7 +471,11 @@ def run_bench(
         rows.extend(case_rows)
         summary = ", ".join(f"{r['impl']} {_cell(r['ms'], '.3f')}" for r in case_rows)
         print(f"{case.name}: {summary} ms", file=sys.stderr, flush=True)
-    json_path, md_path = write_reports(rows, environment(), ceilings, out_dir, "train" if train else "forward")
+    env = environment()
+    env["host_overhead_us"] = host_overhead_us()
+    print("host time per call (us): " + ", ".join(f"{k} {v:.1f}" for k, v in env["host_overhead_us"].items()),
+          file=sys.stderr)
+    json_path, md_path = write_reports(rows, env, ceilings, out_dir, "train" if train else "forward")
     print(markdown_table(rows))
     print(f"wrote {json_path} and {md_path}", file=sys.stderr)
     return rows
