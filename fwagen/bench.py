@@ -441,7 +441,7 @@ def write_reports(rows: list[dict], env: dict, ceilings: dict, out_dir: str | Pa
            f"{env['host_overhead_us']['launch_us']:.1f} us for the bare launch inside it, "
            f"{env['host_overhead_us']['dispatch_us']:.2f} us for the dispatch lookup.\n"
            if "host_overhead_us" in env else "")
-        "ms: median; spread: (p80 - p20) / median; err: max abs error against float64 (train: of the\n"
+        + "ms: median; spread: (p80 - p20) / median; err: max abs error against float64 (train: of the\n"
         "gradients of q, k, v and bias, relative to the largest element); peak MB: memory one forward plus\n"
         "backward allocates above its inputs; grads MB: the size of the q, k, v and bias gradients.\n\n"
     )
