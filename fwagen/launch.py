@@ -111,13 +111,25 @@ def _launch(loaded, variant: Variant, blocks: int, packed: bytes, device: torch.
                             _current_stream(device), 0, ctypes.addressof(extra))
 
 
+_plans: dict[tuple, tuple] = {}
+
+
+def _plan(variant: Variant, device_index: int, windows: int, heads: int, mask_windows: int):
+    """(loaded kernel, blocks, splits) of a call shape, memoized: a repeated call shape costs one lookup."""
+    slot = (variant.key(), device_index, windows, heads, mask_windows)
+    plan = _plans.get(slot)
+    if plan is None:
+        loaded = load_kernel(variant, device_index)
+        plan = _plans[slot] = (loaded, *variant.grid(windows, heads, mask_windows, loaded.resident_blocks))
+    return plan
+
+
 def launch_forward(variant: Variant, q, k, v, out, lse, bias, mask, scale: float) -> None:
     """Launch `variant` writing `out` (any strides with a unit last stride) and `lse` (windows, heads, N)."""
     device = q.device
-    loaded = load_kernel(variant, device.index)
     windows, heads, _, _ = q.shape
     mask_windows = 0 if mask is None else mask.shape[0]
-    blocks, splits = variant.grid(windows, heads, mask_windows, loaded.resident_blocks)
+    loaded, blocks, splits = _plan(variant, device.index, windows, heads, mask_windows)
     if blocks == 0:
         return
     packed = _FORWARD_ARGS.pack(
@@ -135,9 +147,8 @@ def launch_backward(variant: Variant, q, k, v, out, dout, lse, bias, mask, scale
     windows, heads, n, d = q.shape
     if dout.stride() != out.stride():
         dout = torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device=device).copy_(dout)
-    loaded = load_kernel(variant, device.index)
     mask_windows = 0 if mask is None else mask.shape[0]
-    blocks, splits = variant.grid(windows, heads, mask_windows, loaded.resident_blocks)
+    loaded, blocks, splits = _plan(variant, device.index, windows, heads, mask_windows)
     grads = torch.empty(windows, n, 3, heads, d, dtype=q.dtype, device=device)
     dq, dk, dv = (grads[:, :, i].transpose(1, 2) for i in range(3))
     partial = torch.empty(blocks, n, n, dtype=torch.float32, device=device)

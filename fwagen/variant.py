@@ -45,8 +45,12 @@ class ForwardVariant:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "problem"}
 
     def key(self) -> str:
-        knobs = "_".join(f"{abbrev(name)}{int(value)}" for name, value in self.knobs().items())
-        return f"fwagen_{self.kind}_{self.problem.key()}_{knobs}"
+        cached = self.__dict__.get("_key")  # computed once: the launch path asks for it on every call
+        if cached is None:
+            knobs = "_".join(f"{abbrev(name)}{int(value)}" for name, value in self.knobs().items())
+            cached = f"fwagen_{self.kind}_{self.problem.key()}_{knobs}"
+            object.__setattr__(self, "_key", cached)
+        return cached
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "problem": asdict(self.problem), **self.knobs()}
