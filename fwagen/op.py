@@ -127,8 +127,14 @@ def _backward_kernel(q, bias, mask):
     """The backward variant for these inputs, or None where the reference must be differentiated."""
     if _no_kernel_reason(q) is not None or q.dtype == torch.float32:
         return None
-    problem = Problem(q.shape[2], q.shape[3], KERNEL_DTYPES[q.dtype], bias is not None, mask is not None, "bwd")
-    return default_backward(problem, device_arch(q.device.index))
+    slot = (q.shape[2:], q.dtype, bias is not None, mask is not None, q.device.index)
+    if slot not in _backward_choices:
+        problem = Problem(q.shape[2], q.shape[3], KERNEL_DTYPES[q.dtype], bias is not None, mask is not None, "bwd")
+        _backward_choices[slot] = default_backward(problem, device_arch(q.device.index))
+    return _backward_choices[slot]
+
+
+_backward_choices: dict[tuple, object] = {}
 
 
 def _backward(ctx, grad_out, grad_lse):
@@ -206,5 +212,9 @@ def window_attention(q, k, v, bias=None, mask=None, scale=None, layout="bhnd"):
         return torch.ops.fwagen.window_attention_fwd(q, k, v, bias, mask, scale, token_major)[0]
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                     or (bias is not None and bias.requires_grad)):
+        if q.is_cuda and _backward_kernel(q, bias, mask) is None:
+            # No backward kernel covers these inputs: plain autograd of the reference costs what eager
+            # PyTorch costs, where the kernel forward plus a recomputing backward would cost more.
+            return _to_layout(window_attention_reference(q, k, v, bias, mask, scale), token_major)
         return _EagerAutograd.apply(q, k, v, bias, mask, scale, token_major)
     return _forward(q, k, v, bias, mask, scale, token_major)[0]
