@@ -141,8 +141,9 @@ def launch_forward(variant: Variant, q, k, v, out, lse, bias, mask, scale: float
 
 
 def launch_backward(variant: Variant, q, k, v, out, dout, lse, bias, mask, scale: float):
-    """Gradients of q, k, v (views into one (windows, N, 3, heads, d) buffer) and, when `bias` is given, of the
-    bias, summed over windows in a fixed order (per-block float32 partials, then one reduction)."""
+    """(dqkv, dbias): the gradients of q, k and v in one (windows, N, 3, heads, d) buffer, the layout of a qkv
+    Linear's output, and, when `bias` is given, of the bias, summed over windows in a fixed order (per-block
+    float32 partials, then one reduction)."""
     device = q.device
     windows, heads, n, d = q.shape
     if dout.stride() != out.stride():
@@ -162,4 +163,4 @@ def launch_backward(variant: Variant, q, k, v, out, dout, lse, bias, mask, scale
     dbias = None
     if bias is not None:
         dbias = partial.view(max(mask_windows, 1), heads, splits, n, n).sum(dim=(0, 2))
-    return dq, dk, dv, dbias
+    return grads, dbias

@@ -16,7 +16,7 @@ from . import dispatch
 from .compiler import device_arch
 from .launch import KERNEL_DTYPES, kernel_ready, launch_backward, launch_forward, validate
 from .problem import MAX_HEAD_DIM, MAX_N, Problem
-from .reference import log_sum_exp_reference, window_attention_reference
+from .reference import log_sum_exp_reference, window_attention_gradients_reference, window_attention_reference
 from .space import default_backward
 
 LAYOUTS = ("bhnd", "bnc")
@@ -137,15 +137,19 @@ def _backward_kernel(q, bias, mask):
 _backward_choices: dict[tuple, object] = {}
 
 
-def _backward(ctx, grad_out, grad_lse):
-    return _gradients(*ctx.saved_tensors, ctx.scale, ctx.token_major, ctx.needs_input_grad[3], grad_out)
+def _refuse_second_order() -> None:
+    if torch.is_grad_enabled():
+        raise RuntimeError("fwagen.window_attention: second-order gradients (create_graph=True) are not supported")
+
+
+def _split_qkv(dqkv: torch.Tensor):
+    """Three (windows, heads, N, d) views of a (windows, N, 3, heads, d) gradient buffer."""
+    return tuple(g.transpose(1, 2) for g in dqkv.unbind(2))
 
 
 def _gradients(q, k, v, bias, mask, out, lse, scale: float, token_major: bool, bias_needs_grad: bool, grad_out):
-    """(dq, dk, dv, dbias or None, None, None, None): the backward kernel where one covers the inputs, else
-    autograd of the reference."""
-    if torch.is_grad_enabled():
-        raise RuntimeError("fwagen.window_attention: second-order gradients (create_graph=True) are not supported")
+    """(dqkv, dbias or None), dqkv holding the gradients of q, k and v as (windows, N, 3, heads, d): the backward
+    kernel where one covers the inputs, else autograd of the reference."""
     windows, heads, n, d = q.shape
     if token_major:
         grad_out = grad_out.contiguous().view(windows, n, heads, d).transpose(1, 2)
@@ -156,27 +160,47 @@ def _gradients(q, k, v, bias, mask, out, lse, scale: float, token_major: bool, b
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         bias32 = None if bias is None else bias.float().contiguous()
         mask32 = None if mask is None else mask.float().contiguous()
-        dq, dk, dv, dbias = launch_backward(variant, q, k, v, out, grad_out.contiguous() if not token_major
-                                            else grad_out, lse, bias32, mask32, scale)
-        grad_bias = dbias.to(bias.dtype) if dbias is not None and bias_needs_grad else None
-        return dq, dk, dv, grad_bias, None, None, None
-    with torch.enable_grad():
-        inputs = [t.detach().requires_grad_(True) for t in (q, k, v)]
-        bias_in = None if bias is None else bias.detach().requires_grad_(bias_needs_grad)
-        ref = window_attention_reference(*inputs, bias_in, mask, scale)
-        wanted = inputs + ([bias_in] if bias_in is not None and bias_in.requires_grad else [])
-        grads = torch.autograd.grad(ref, wanted, grad_out)
-    grad_bias = grads[3] if len(grads) == 4 else None
-    return grads[0], grads[1], grads[2], grad_bias, None, None, None
+        dqkv, dbias = launch_backward(variant, q, k, v, out, grad_out.contiguous() if not token_major else grad_out,
+                                      lse, bias32, mask32, scale)
+        return dqkv, (dbias.to(bias.dtype) if dbias is not None and bias_needs_grad else None)
+    dq, dk, dv, dbias = window_attention_gradients_reference(q, k, v, bias, mask, scale, grad_out)
+    dqkv = torch.stack([g.transpose(1, 2) for g in (dq, dk, dv)], dim=2)
+    return dqkv, (dbias if bias_needs_grad else None)
+
+
+@torch.library.custom_op("fwagen::window_attention_bwd", mutates_args=())
+def window_attention_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                         mask: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor,
+                         scale: float, token_major: bool, bias_needs_grad: bool
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backward as an opaque op, so that torch.compile's backward graph calls it rather than tracing into
+    the launch. dbias comes back empty when there is none."""
+    dqkv, dbias = _gradients(q, k, v, bias, mask, out, lse, scale, token_major, bias_needs_grad, grad_out)
+    return dqkv, (q.new_empty(0, dtype=torch.float32) if dbias is None else dbias)
+
+
+@window_attention_bwd.register_fake
+def _(q, k, v, bias, mask, out, lse, grad_out, scale, token_major, bias_needs_grad):
+    windows, heads, n, d = q.shape
+    dbias = bias.new_empty(heads, n, n) if bias is not None and bias_needs_grad else q.new_empty(0, dtype=torch.float32)
+    return q.new_empty(windows, n, 3, heads, d), dbias
+
+
+def _backward(ctx, grad_out, grad_lse):
+    _refuse_second_order()
+    q, k, v, bias, mask, out, lse = ctx.saved_tensors
+    dqkv, dbias = torch.ops.fwagen.window_attention_bwd(q, k, v, bias, mask, out, lse, grad_out, ctx.scale,
+                                                        ctx.token_major, bool(ctx.needs_input_grad[3]))
+    return (*_split_qkv(dqkv), dbias if bias is not None and ctx.needs_input_grad[3] else None, None, None, None)
 
 
 window_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _EagerAutograd(torch.autograd.Function):
-    """The same forward and backward for eager calls that need gradients, without the custom op's dispatch
+    """The same forward and backward for eager calls that need gradients, without the custom ops' dispatch
     layers (about a hundred microseconds of host time per call, measured on an H200 host); torch.compile
-    traces the custom op instead."""
+    traces the custom ops instead."""
 
     @staticmethod
     def forward(ctx, q, k, v, bias, mask, scale, token_major):
@@ -187,7 +211,9 @@ class _EagerAutograd(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        return _gradients(*ctx.saved_tensors, ctx.scale, ctx.token_major, ctx.needs_input_grad[3], grad_out)
+        _refuse_second_order()
+        dqkv, dbias = _gradients(*ctx.saved_tensors, ctx.scale, ctx.token_major, ctx.needs_input_grad[3], grad_out)
+        return (*_split_qkv(dqkv), dbias, None, None, None)
 
 
 def window_attention(q, k, v, bias=None, mask=None, scale=None, layout="bhnd"):

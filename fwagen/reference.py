@@ -71,3 +71,27 @@ def shifted_window_mask(height: int, width: int, window: int, shift: int) -> tor
     windows = windows.reshape(-1, window * window)
     different = windows.unsqueeze(1) != windows.unsqueeze(2)
     return torch.zeros(different.shape).masked_fill(different, -100.0)
+
+
+def window_attention_gradients_reference(q, k, v, bias, mask, scale, grad_out):
+    """Explicit gradients (dq, dk, dv, dbias or None) of `window_attention_reference`, computed in float32 (or
+    float64 for float64 inputs) without autograd, so that it also runs inside an opaque op where autograd is
+    not active. dbias sums dS over every window; the mask gets none."""
+    windows, heads, n, d = q.shape
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qw, kw, vw, go = (t.to(work) for t in (q, k, v, grad_out))
+    logits = (qw * scale) @ kw.transpose(-2, -1)
+    if bias is not None:
+        logits = logits + bias.to(work).unsqueeze(0)
+    if mask is not None:
+        mask_windows = mask.shape[0]
+        logits = logits.view(windows // mask_windows, mask_windows, heads, n, n) + mask.to(work).unsqueeze(1).unsqueeze(0)
+        logits = logits.view(-1, heads, n, n)
+    p = logits.softmax(dim=-1)
+    dv = p.transpose(-2, -1) @ go
+    dp = go @ vw.transpose(-2, -1)
+    ds = p * (dp - (dp * p).sum(dim=-1, keepdim=True))
+    dq = (ds @ kw) * scale
+    dk = (ds.transpose(-2, -1) @ qw) * scale
+    dbias = None if bias is None else ds.sum(dim=0).to(bias.dtype)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias
