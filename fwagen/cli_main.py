@@ -2,6 +2,7 @@
 
     bench ...               forwards its arguments to `fwagen.bench.main` (needs a GPU)
     tune [--dry-run]        tune for this GPU; without a GPU, compile the kernel space for sm_90 instead
+    tune --replay FILE      run the search on a recording (no GPU needed)
     show [--tuned-dir DIR]  list the tuned configurations
 """
 from __future__ import annotations
@@ -13,22 +14,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .problem import Problem
+from .registry import ProblemClass, tuned_dir
 
 DRY_RUN_ARCH = "sm_90"
 # Every legal variant of the Swin preset (about 4,500) takes 15 to 35 minutes on 2 cores; the default
 # compiles a sample per problem that covers every knob value (360 variants, under 2 minutes). --all for all.
 DEFAULT_SAMPLE = 12
-NOT_IMPLEMENTED = 2
-
-
-def tuned_dir() -> Path:
-    """An installed wheel ships tuned configs in the package (fwagen/tuned, mapped from the top-level
-    tuned/ folder by pyproject.toml); a source checkout reads tuned/ directly."""
-    packaged = Path(__file__).resolve().parent / "tuned"
-    checkout = Path(__file__).resolve().parent.parent / "tuned"
-    if not packaged.is_dir() and (checkout.parent / "pyproject.toml").is_file():
-        return checkout
-    return packaged  # a wheel with nothing tuned has no such folder: `show` says so
 
 
 def problem_from_key(text: str) -> Problem:
@@ -44,6 +35,19 @@ def problem_from_key(text: str) -> Problem:
                        has_bias="b" in parts[3], has_mask="m" in parts[3] and parts[3] != "plain")
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"problem {text!r}: {error}") from None
+
+
+def target_from_key(text: str) -> Problem | ProblemClass:
+    """A `--problem` value: a class key (fwd_n49_d32_float16_bm_x4096), or a problem key with an optional
+    fwd_/bwd_ prefix (bwd_n49_d32_float16_bm, n49_d32_float16_bm)."""
+    if "_x" in text:
+        try:
+            return ProblemClass.from_key(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    direction = "bwd" if text.startswith("bwd_") else "fwd"
+    problem = problem_from_key(text.removeprefix("bwd_"))
+    return Problem(problem.n, problem.head_dim, problem.dtype, problem.has_bias, problem.has_mask, direction)
 
 
 def arch_name(text: str) -> str:
@@ -68,25 +72,101 @@ def _print_progress(done: int, total: int) -> None:
         print(f"{done}/{total} variants through NVRTC", file=sys.stderr, flush=True)
 
 
-def _tune(args: argparse.Namespace) -> int:
-    gpu_arch = _gpu_arch()
-    if not args.dry_run:
-        if gpu_arch is not None:
-            print(f"found a {gpu_arch} GPU, but full tuning is not implemented yet; "
-                  f"`tune --dry-run` compiles the kernel space for it", file=sys.stderr)
-            return NOT_IMPLEMENTED
-        print(f"no CUDA GPU found: compiling the kernel space for {args.arch or DRY_RUN_ARCH} instead (dry run)",
-              flush=True)
+def _classes(targets) -> list[ProblemClass]:
+    from .tune import buckets_for, swin_classes
+
+    if not targets:
+        return swin_classes()
+    classes = []
+    for target in targets:
+        if isinstance(target, ProblemClass):
+            classes.append(target)
+        else:
+            classes += [ProblemClass(target, bucket) for bucket in sorted(buckets_for(target), reverse=True)]
+    return list(dict.fromkeys(classes))
+
+
+def _dry_run(args: argparse.Namespace, arch: str) -> int:
     from .tune import dry_run
 
+    problems = [t.problem if isinstance(t, ProblemClass) else t for t in args.problem or []]
     sample = None if args.all else args.sample
-    report = dry_run(args.arch or gpu_arch or DRY_RUN_ARCH, problems=args.problem or None, jobs=args.jobs,
-                     sample=sample, progress=_print_progress)
+    report = dry_run(arch, problems=list(dict.fromkeys(problems)) or None, jobs=args.jobs or 2, sample=sample,
+                     progress=_print_progress)
     print(report.table(), end="")
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        return _dry_run(args, args.arch or _gpu_arch() or DRY_RUN_ARCH)
+    if args.replay:
+        from .recording import RecordingEvaluator
+
+        evaluator = RecordingEvaluator(args.replay)
+        classes = _classes(args.problem) if args.problem else evaluator.classes()
+    else:
+        gpu_arch = _gpu_arch()
+        if gpu_arch is None:
+            print(f"no CUDA GPU found: compiling the kernel space for {args.arch or DRY_RUN_ARCH} instead (dry run)",
+                  flush=True)
+            return _dry_run(args, args.arch or DRY_RUN_ARCH)
+        from .evaluate import GpuEvaluator
+
+        evaluator = GpuEvaluator(device=args.device, jobs=args.jobs)
+        classes = _classes(args.problem)
+    if args.record:
+        from .recording import Recorder
+
+        evaluator = Recorder(evaluator, args.record)
+    return _run_tuning(args, evaluator, classes)
+
+
+def _run_tuning(args: argparse.Namespace, evaluator, classes) -> int:
+    import optuna
+
+    from .compiler import cache_root
+    from .evaluate import DeviceLost
+    from .registry import RegistryError, gpu_slug
+    from .tune import ProgressBar, planned_trials, summary_table, tune
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    plots = Path(args.plots) if args.plots else cache_root() / "tune" / gpu_slug(evaluator.gpu) / "plots"
+    print(f"tuning {len(classes)} classes on {evaluator.gpu} ({evaluator.arch}); studies in "
+          f"{args.storage or cache_root() / 'tune' / (gpu_slug(evaluator.gpu) + '.journal')}", file=sys.stderr)
+    bar = ProgressBar(planned_trials(classes, evaluator, args.trials, args.sampler), enabled=not args.quiet)
+    try:
+        report = tune(classes, evaluator, storage=args.storage, trials=args.trials, sampler=args.sampler,
+                      time_budget=args.time_budget, out=args.out, plots=plots, seed=args.seed,
+                      on_measure=bar.measured, on_class=bar.finished)
+    except RegistryError as error:
+        bar.close()
+        print(f"error: {error}\nthe studies keep every measurement: fix or move the file and rerun to write "
+              "the winners", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        bar.close()
+        print("interrupted: rerun the same command to resume (finished classes are already written)",
+              file=sys.stderr)
+        return 130
+    except DeviceLost as error:
+        bar.close()
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    bar.close()
+    print(summary_table(report), end="")
+    if report.yaml_path is not None:
+        print(f"wrote {report.yaml_path}")
+    if report.plots:
+        print(f"history plots in {plots}")
+    elif report.results:
+        print("no history plots: matplotlib is not installed (pip install 'fwagen[tune]')")
+    return 0
+
+
 def _show(args: argparse.Namespace) -> int:
+    from .registry import RegistryError, load
+
     folder = Path(args.tuned_dir) if args.tuned_dir else tuned_dir()
     files = sorted(folder.glob("*.yaml")) if folder.is_dir() else []
     if not files:
@@ -94,10 +174,27 @@ def _show(args: argparse.Namespace) -> int:
         return 0
     for path in files:
         print(path)
+        try:
+            tuned = load(path, strict=False)
+        except RegistryError as error:
+            print(f"  unusable: {error}", file=sys.stderr)
+            continue
+        for problem in tuned.problems:
+            print(f"  skipped: {problem}", file=sys.stderr)
+        print(f"  {tuned.gpu} ({tuned.arch}, {tuned.sm_count or '?'} SMs): {len(tuned.entries)} classes")
+        for key, entry in sorted(tuned.entries.items()):
+            speedup = f"{entry.speedup:.2f}x the default" if entry.speedup else "default not measured"
+            date = entry.tuned_with.get("date", "")
+            print(f"  {key:<34} {entry.variant.key()}  {entry.median_ms:.4f} ms, {speedup}, "
+                  f"{entry.trials} trials{' (partial)' if entry.partial else ''} {date}")
     return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if any(a == "--model" or a.startswith("--model=") for a in args.bench_args):
+        from .bench_model import main as bench_model_main  # end to end: a timm Swin model, shipped vs patched
+
+        return bench_model_main(args.bench_args)
     from .bench import main as bench_main
 
     return bench_main(args.bench_args)
@@ -108,20 +205,41 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     # Listed for --help only: main() hands `bench ...` to fwagen.bench.main before parsing.
-    commands.add_parser("bench", add_help=False, help="forward benchmark on this GPU (see `bench --help`)")
+    commands.add_parser("bench", add_help=False, help="kernel benchmark on this GPU (see `bench --help`); `bench --model NAME` times a timm Swin model")
 
     tune = commands.add_parser("tune", help="tune for this GPU, or compile the kernel space (--dry-run)")
     tune.add_argument("--dry-run", action="store_true",
                       help="render and compile the variant space with NVRTC and report; needs no GPU")
     tune.add_argument("--arch", type=arch_name, help=f"e.g. sm_80, sm_90; default: this GPU's, or {DRY_RUN_ARCH} without one")
-    tune.add_argument("--jobs", type=int, default=2, help="compile threads (default 2)")
-    tune.add_argument("--problem", action="append", type=problem_from_key,
-                      help="a problem key such as n49_d32_float16_bm; repeat for several; default: the Swin preset")
+    tune.add_argument("--jobs", type=int, help="compile threads (default: 2 for the dry run, all cores but two for tuning)")
+    tune.add_argument("--problem", action="append", type=target_from_key,
+                      help="a class key such as fwd_n49_d32_float16_bm_x4096, or a problem key such as "
+                           "n49_d32_float16_bm or bwd_n49_d32_float16_bm (tuned at the preset's buckets for its N); "
+                           "repeat for several; default: the Swin preset")
+    tune.add_argument("--preset", choices=["swin"], default="swin",
+                      help="the released Swin shapes: N 49/64/144/256/576, d 32, fp16 and bf16, bias, with and "
+                           "without mask, forward and backward (the default when no --problem is given)")
+    tune.add_argument("--trials", type=int, help="measurements per class (default: the whole space up to "
+                                                 "128 legal variants, else 48)")
+    tune.add_argument("--time-budget", type=float, metavar="SECONDS",
+                      help="for the whole run; shared by the classes not yet tuned")
+    tune.add_argument("--storage", help="an Optuna storage URL (postgresql://...) or journal file shared by workers "
+                                        "(default: a journal file in the fwagen cache folder)")
+    tune.add_argument("--out", help="folder of the tuned YAML files (default: the package's tuned/)")
+    tune.add_argument("--sampler", choices=["auto", "grid", "tpe", "random"], default="auto",
+                      help="auto: an exhaustive sweep where the budget covers the space, else TPE")
+    tune.add_argument("--record", metavar="FILE.jsonl", help="append every measurement to this file")
+    tune.add_argument("--replay", metavar="FILE.jsonl", help="measure from a recording instead of a GPU")
+    tune.add_argument("--plots", metavar="DIR", help="where each study's history PNG goes "
+                                                     "(default: the fwagen cache folder)")
+    tune.add_argument("--device", type=int, default=0, help="CUDA device index (one worker per GPU)")
+    tune.add_argument("--seed", type=int, help="sampler seed (default: random)")
+    tune.add_argument("--quiet", action="store_true", help="no progress bar")
     size = tune.add_mutually_exclusive_group()
     size.add_argument("--sample", type=int, default=DEFAULT_SAMPLE,
-                      help=f"compile about this many variants per problem, covering every knob value "
+                      help=f"dry run: compile about this many variants per problem, covering every knob value "
                            f"(default {DEFAULT_SAMPLE})")
-    size.add_argument("--all", action="store_true", help="compile every legal variant")
+    size.add_argument("--all", action="store_true", help="dry run: compile every legal variant")
     tune.set_defaults(run=_tune)
 
     show = commands.add_parser("show", help="list the tuned configurations")

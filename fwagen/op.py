@@ -17,7 +17,6 @@ from .compiler import device_arch
 from .launch import KERNEL_DTYPES, kernel_ready, launch_backward, launch_forward, validate
 from .problem import MAX_HEAD_DIM, MAX_N, Problem
 from .reference import log_sum_exp_reference, window_attention_gradients_reference, window_attention_reference
-from .space import default_backward
 
 LAYOUTS = ("bhnd", "bnc")
 _warned: set[str] = set()
@@ -73,6 +72,9 @@ def _empty_outputs(q: torch.Tensor, token_major: bool) -> tuple[torch.Tensor, to
 
 
 _choices: dict[tuple, object] = {}
+_backward_choices: dict[tuple, object] = {}
+dispatch.on_reload(_choices.clear)  # after a tune or a changed FWAGEN_TUNED_DIR, forget memoized choices
+dispatch.on_reload(_backward_choices.clear)
 
 
 def _forward_variant(q, has_bias: bool, has_mask: bool):
@@ -81,7 +83,8 @@ def _forward_variant(q, has_bias: bool, has_mask: bool):
     variant = _choices.get(slot)
     if variant is None:
         problem = Problem(q.shape[2], q.shape[3], KERNEL_DTYPES[q.dtype], has_bias, has_mask)
-        variant = dispatch.choose_for(problem, q.shape[0] * q.shape[1], device_arch(q.device.index)).variant
+        variant = dispatch.choose_for(problem, q.shape[0] * q.shape[1], device_arch(q.device.index),
+                                      q.device.index).variant
         _choices[slot] = variant
     return variant
 
@@ -127,14 +130,12 @@ def _backward_kernel(q, bias, mask):
     """The backward variant for these inputs, or None where the reference must be differentiated."""
     if _no_kernel_reason(q) is not None or q.dtype == torch.float32:
         return None
-    slot = (q.shape[2:], q.dtype, bias is not None, mask is not None, q.device.index)
+    slot = (q.shape, q.dtype, bias is not None, mask is not None, q.device.index)
     if slot not in _backward_choices:
         problem = Problem(q.shape[2], q.shape[3], KERNEL_DTYPES[q.dtype], bias is not None, mask is not None, "bwd")
-        _backward_choices[slot] = default_backward(problem, device_arch(q.device.index))
+        _backward_choices[slot] = dispatch.choose_backward_for(problem, q.shape[0] * q.shape[1],
+                                                               device_arch(q.device.index), q.device.index).variant
     return _backward_choices[slot]
-
-
-_backward_choices: dict[tuple, object] = {}
 
 
 def _refuse_second_order() -> None:

@@ -1,8 +1,14 @@
-"""Tuning: the variant space of a problem, compiled, checked and (on a GPU) timed.
+"""Tuning: every problem class of a run through its Optuna study (fwagen.study), winners into the tuned YAML.
 
-Today this holds the CPU-capable part, `dry_run`: render and compile the space of each problem for one
-architecture with NVRTC, prune on the compiled resources, and report what compiled and why the rest did
-not. No GPU is needed. A failure is a recorded outcome, never an exception that stops the run.
+`tune` runs the classes in order, seeding each study with what is known (this GPU's YAML winner for the
+class, winners of neighbouring classes from the YAML files and from this run, the built-in default), splits
+a time budget over the classes, writes each winner as soon as its class is decided (an interrupted run keeps
+what it finished; rerunning resumes the studies), and can plot each study's history. The evaluator decides
+where measurements come from: a GPU (`evaluate.GpuEvaluator`) or a recording (`evaluate.RecordingEvaluator`).
+
+`dry_run` is the part that needs no GPU: render and compile the space of each problem for one architecture
+with NVRTC, prune on the compiled resources, and report what compiled and why the rest did not.
+A failure is a recorded outcome, never an exception that stops the run.
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ from dataclasses import dataclass, field
 
 from .compiler import CompileError, compile_variant
 from .problem import DTYPES, Problem
-from .space import candidates, default_variant, resource_violation
+from .space import backward_candidates, candidates, default_variant, resource_violation
 from .variant import Variant
 
 SWIN_TOKENS = (49, 64, 144, 256, 576)  # windows 7, 8, 12, 16, 24
@@ -157,7 +163,7 @@ def dry_run(arch: str, problems: list[Problem] | None = None, jobs: int = 2, sam
     started = time.perf_counter()
     outcomes, work = [], []
     for problem in problems:
-        legal, pruned = candidates(problem, arch)
+        legal, pruned = (backward_candidates if problem.direction == "bwd" else candidates)(problem, arch)
         chosen = legal if sample is None else sample_variants(problem, legal, sample)
         outcome = ProblemOutcome(problem, candidates=len(legal) + len(pruned),
                                  not_sampled=len(legal) - len(chosen), pruned_statically=dict(pruned))
@@ -172,3 +178,240 @@ def dry_run(arch: str, problems: list[Problem] | None = None, jobs: int = 2, sam
             if progress is not None:
                 progress(done, len(work))
     return DryRunReport(arch, outcomes, time.perf_counter() - started, max(1, jobs), sample)
+
+
+# --- tuning -------------------------------------------------------------------------------------------------
+
+# Work buckets of the preset, from the batch sizes Swin runs at: windows 7 and 8 at 224/256 px with batches of
+# 32 to 128 (stage by stage from 24 to 384 windows x heads per image), the larger windows at 384 px with
+# batches of 8 to 32. Dispatch serves other buckets from the nearest tuned one.
+SWIN_BUCKETS = {49: (1024, 4096, 16384), 64: (1024, 4096, 16384), 144: (1024, 4096), 256: (1024, 4096),
+                576: (1024, 4096)}
+TUNED_DTYPES = ("float16", "bfloat16")
+MAX_SEEDS = 6
+
+
+def buckets_for(problem: Problem) -> tuple[int, ...]:
+    return SWIN_BUCKETS.get(problem.n, (1024, 4096))
+
+
+def swin_classes(dtypes=TUNED_DTYPES) -> list:
+    """The classes of `cli.py tune --preset swin`: every Swin window size, fp16 and bf16, with bias, with and
+    without the shift mask, forward and backward, at the buckets of SWIN_BUCKETS."""
+    from .registry import ProblemClass
+
+    return [ProblemClass(Problem(n, SWIN_HEAD_DIM, dtype, True, masked, direction), bucket)
+            for direction in ("fwd", "bwd") for n in SWIN_TOKENS for dtype in dtypes for masked in (True, False)
+            for bucket in sorted(SWIN_BUCKETS[n], reverse=True)]
+
+
+def seeds_for(pclass, entries: list, found: dict) -> list[Variant]:
+    """Known-good variants for a class, best guess first: its own tuned entry, then tuned classes of the same
+    N, head dim and direction (nearest bucket first, then the other mask setting, then the other dtype),
+    their knobs moved onto this problem. `entries` are registry entries; `found` maps class keys of this run to
+    their winners."""
+    import dataclasses
+
+    from .search import with_problem
+
+    known = [(e.pclass, e.variant) for e in entries] + [(c, v) for c, v in found.values()]
+    problem = pclass.problem
+
+    def closeness(item):
+        other = item[0]
+        return (other.problem != problem, other.problem.dtype != problem.dtype,
+                other.problem.has_mask != problem.has_mask,
+                abs(other.bucket.bit_length() - pclass.bucket.bit_length()))
+
+    related = [item for item in known
+               if dataclasses.replace(item[0].problem, has_mask=problem.has_mask, dtype=problem.dtype,
+                                      has_bias=problem.has_bias) == problem]
+    seeds = []
+    for other, variant in sorted(related, key=closeness):
+        moved = with_problem(variant, pclass)
+        if moved not in seeds:
+            seeds.append(moved)
+    return seeds[:MAX_SEEDS]
+
+
+@dataclass
+class TuneReport:
+    gpu: str
+    arch: str
+    results: list = field(default_factory=list)  # study.ClassResult
+    skipped: list = field(default_factory=list)  # (class key, reason)
+    yaml_path: object = None
+    plots: list = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def tune(classes, evaluator, *, storage: str | None = None, trials: int | None = None, sampler: str = "auto",
+         time_budget: float | None = None, out=None, plots=None, seed: int | None = None, write: bool = True,
+         on_measure=None, on_class=None) -> TuneReport:
+    """Tune each class with `evaluator`; write winners into `out` (default: registry.tuned_dir()); with
+    `plots`, save each study's history there as PNG. `storage`: an Optuna storage URL or journal path (default:
+    a journal file in fwagen's cache folder). `time_budget` seconds are shared by the classes not yet run."""
+    from . import dispatch, registry
+    from .study import open_storage, tune_class
+
+    started = time.time()
+    slug = registry.gpu_slug(evaluator.gpu)
+    store = open_storage(storage, slug)
+    report = TuneReport(evaluator.gpu, evaluator.arch)
+    catalog = registry.scan(out)
+    mine = catalog.files.get(slug)
+    entries = list(mine.entries.values()) if mine else []
+    entries += [e for f in catalog.files.values() if f is not mine and f.arch == evaluator.arch
+                for e in f.entries.values()]
+    found: dict = {}
+    classes = list(classes)
+    for index, pclass in enumerate(classes):
+        deadline = None
+        if time_budget is not None:
+            deadline = time.time() + (started + time_budget - time.time()) / (len(classes) - index)
+        result = tune_class(pclass, evaluator, store, slug, seeds=seeds_for(pclass, entries, found), trials=trials,
+                            sampler=sampler, seed=seed, deadline=deadline, on_measure=on_measure)
+        if result is None:
+            report.skipped.append((pclass.key(), f"no legal variant on {evaluator.arch}"))
+            continue
+        report.results.append(result)
+        if result.winner is None:
+            report.skipped.append((pclass.key(), "no variant measured ok"))
+        else:
+            found[pclass.key()] = (pclass, result.winner)
+            if write:
+                report.yaml_path = registry.save([result.entry(evaluator.tuned_with())], evaluator.gpu_identity(),
+                                                 out)
+        if plots is not None:
+            path = plot_history(result, plots)
+            if path is not None:
+                report.plots.append(path)
+        if on_class is not None:
+            on_class(result)
+    dispatch.reload()
+    report.seconds = time.time() - started
+    return report
+
+
+def short_key(variant: Variant) -> str:
+    """The knobs part of a variant key: 'w2_q32_r16_k64_s2_b1'."""
+    return variant.key().removeprefix(f"fwagen_{variant.kind}_{variant.problem.key()}_")
+
+
+def summary_table(report: TuneReport) -> str:
+    head = ("class", "sampler", "trials", "winner", "ms", "spread", "default ms", "speedup")
+    rows = []
+    for r in report.results:
+        if r.winner is None:
+            rows.append((r.pclass.key(), r.sampler, str(r.trials), "-", "-", "-", "-", "no variant measured ok"))
+            continue
+        default_ms = r.default_m.median_ms if r.default_m is not None and r.default_m.ok else None
+        rows.append((r.pclass.key(), r.sampler + (" (partial)" if r.partial else ""), f"{r.trials}/{r.budget}",
+                     short_key(r.winner), f"{r.winner_m.median_ms:.4f}", f"{r.winner_m.spread:.1%}",
+                     "-" if default_ms is None else f"{default_ms:.4f}",
+                     "-" if r.speedup is None else f"{r.speedup:.2f}x"))
+    widths = [max(len(str(c)) for c in column) for column in zip(head, *rows)]
+    lines = [f"tuned on {report.gpu} ({report.arch}) in {report.seconds:.0f} s", "",
+             "  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows]
+    tuned = {r.pclass.key() for r in report.results}
+    by_reason: dict[str, list[str]] = {}
+    for key, reason in report.skipped:
+        if key not in tuned:
+            by_reason.setdefault(reason, []).append(key)
+    lines += [f"skipped ({reason}): {', '.join(keys)}" for reason, keys in by_reason.items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot_history(result, folder) -> object:
+    """Save the study's history as folder/<class>.png: every measurement in trial order, the best so far, the
+    default's time and the winner. None (with nothing written) where matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    from pathlib import Path
+
+    path = Path(folder) / f"{result.pclass.key()}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ok = [(i, m.median_ms) for i, (_, m) in enumerate(result.history, start=1) if m.ok]
+    failed = [i for i, (_, m) in enumerate(result.history, start=1) if not m.ok]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if ok:
+        ax.scatter(*zip(*ok), s=12, label="measured")
+        best, steps = float("inf"), []
+        for i, ms in ok:
+            best = min(best, ms)
+            steps.append((i, best))
+        ax.step(*zip(*steps), where="post", color="black", linewidth=1, label="best so far")
+        top = max(ms for _, ms in ok) * 1.05
+        if failed:
+            ax.scatter(failed, [top] * len(failed), marker="x", color="red", s=14, label="failed")
+    if result.default_m is not None and result.default_m.ok:
+        ax.axhline(result.default_m.median_ms, linestyle="--", color="gray", label="built-in default")
+    if result.winner_m is not None:
+        ax.axhline(result.winner_m.median_ms, color="green", linewidth=0.8, label=f"winner {short_key(result.winner)}")
+    ax.set_xlabel("measurement")
+    ax.set_ylabel("median ms")
+    ax.set_title(f"{result.pclass.key()} ({result.sampler}, {result.trials} measured)", fontsize=9)
+    ax.legend(fontsize=7, loc="best", framealpha=0.8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+class ProgressBar:
+    """Progress of a run over its planned measurements: a tqdm bar on a terminal (trials, the class's best time,
+    elapsed, remaining); elsewhere (a log file, CI) one line per finished class instead of a line per trial."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        import sys
+
+        from tqdm import tqdm
+
+        self.lines = enabled and not sys.stderr.isatty()
+        self.bar = tqdm(total=total, unit="trial", disable=not enabled or self.lines, dynamic_ncols=True)
+        self.total, self.done, self.started = total, 0, time.time()
+        self._counted: dict[str, int] = {}
+
+    def _advance(self, count: int) -> None:
+        self.done += count
+        self.bar.update(count)
+
+    def measured(self, worker, measurement) -> None:
+        key = worker.pclass.key()
+        self._counted[key] = self._counted.get(key, 0) + 1
+        best = min((m.median_ms for _, m in worker.measured() if m.ok), default=None)
+        self.bar.set_postfix_str(f"{key} best {best:.4f} ms" if best else key)
+        self._advance(1)
+
+    def finished(self, result) -> None:
+        """Count the class as done: a resumed or cut-short study measures fewer than its budget here."""
+        self._advance(max(0, result.budget - self._counted.get(result.pclass.key(), 0)))
+        if self.lines:
+            import sys
+
+            best = f"{result.winner_m.median_ms:.4f} ms" if result.winner_m else "nothing measured ok"
+            elapsed = time.time() - self.started
+            left = elapsed / self.done * (self.total - self.done) if self.done else 0.0
+            print(f"{self.done}/{self.total} trials, {elapsed:.0f} s elapsed, ~{left:.0f} s left: "
+                  f"{result.pclass.key()} {best}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def planned_trials(classes, evaluator, trials: int | None = None, sampler: str = "auto") -> int:
+    """Measurements the classes are budgeted (for a progress bar's total)."""
+    from .search import Space, make_plan
+
+    total = 0
+    for pclass in classes:
+        space = Space.build(pclass, evaluator.arch, evaluator.covers(pclass))
+        if len(space):
+            total += make_plan(space, [], trials, sampler).budget
+    return total

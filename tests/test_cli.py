@@ -151,13 +151,6 @@ def test_cli_tune_without_gpu_says_so_and_runs_the_dry_run_for_sm90():
     assert total == sum(parts) and parts[1] >= 1
 
 
-def test_tune_on_a_gpu_without_dry_run_exits_2_until_the_tuner_lands(monkeypatch, capsys):
-    monkeypatch.setattr(cli_main, "_gpu_arch", lambda: "sm_90")
-    monkeypatch.setattr(tune, "dry_run", lambda *a, **k: pytest.fail("must not run the dry run"))
-    assert cli_main.main(["tune"]) == 2
-    assert "full tuning is not implemented yet" in capsys.readouterr().err
-
-
 def test_tune_dry_run_defaults_to_the_gpu_arch(monkeypatch, capsys):
     seen = {}
 
