@@ -85,17 +85,22 @@ def _simt_candidates(problem: Problem):
         yield SimtVariant(problem, query_chunk=qc, threads_per_row=tpr, key_tile=kt)
 
 
-def candidates(problem: Problem, arch: str = "sm_90") -> tuple[list[Variant], dict[str, str]]:
-    """All variants of `problem`: (legal ones, {key: reason} for those pruned statically)."""
-    generator = _mma_candidates if problem.uses_tensor_cores else _simt_candidates
+def _partition(variants, arch: str) -> tuple[list[Variant], dict[str, str]]:
+    """(legal variants, {key: reason} for those pruned statically)."""
     legal, pruned = [], {}
-    for variant in generator(problem):
+    for variant in variants:
         reason = static_violation(variant, arch)
         if reason is None:
             legal.append(variant)
         else:
             pruned[variant.key()] = reason
     return legal, pruned
+
+
+def candidates(problem: Problem, arch: str = "sm_90") -> tuple[list[Variant], dict[str, str]]:
+    """All forward variants of `problem`: (legal ones, {key: reason} for those pruned statically)."""
+    generator = _mma_candidates if problem.uses_tensor_cores else _simt_candidates
+    return _partition(generator(problem), arch)
 
 
 # Built-in defaults, most preferred first, as (windows_per_block, query_chunk, rows_per_warp, key_tile, stages);
@@ -130,16 +135,11 @@ def default_variant(problem: Problem, arch: str = "sm_90") -> Variant:
 
 
 def backward_candidates(problem: Problem, arch: str = "sm_90") -> tuple[list[Variant], dict[str, str]]:
-    legal, pruned = [], {}
-    if problem.uses_tensor_cores:
-        for stages, min_blocks in itertools.product((1, 2), (1, 2, 3, 4)):
-            variant = BackwardVariant(problem, stages=stages, min_blocks=min_blocks)
-            reason = static_violation(variant, arch)
-            if reason is None:
-                legal.append(variant)
-            else:
-                pruned[variant.key()] = reason
-    return legal, pruned
+    """All backward variants of `problem` (none for float32): (legal ones, {key: reason} for the pruned)."""
+    if not problem.uses_tensor_cores:
+        return [], {}
+    return _partition((BackwardVariant(problem, stages=stages, min_blocks=min_blocks)
+                       for stages, min_blocks in itertools.product((1, 2), (1, 2, 3, 4))), arch)
 
 
 def default_backward(problem: Problem, arch: str = "sm_90") -> BackwardVariant | None:
