@@ -7,6 +7,6 @@ if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile
 nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -m pytest -m gpu -q --tb=line -p no:cacheprovider tests ${FWAGEN_TESTS:-} 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
 compute-sanitizer --tool memcheck --error-exitcode 3 python3 -m pytest -q -p no:cacheprovider \
-  tests/test_forward_gpu.py -k sanitizer 2>&1 | tee "$OUT/sanitizer.log" | tail -5
+  tests/test_forward_gpu.py tests/test_backward_gpu.py -k sanitizer 2>&1 | tee "$OUT/sanitizer.log" | tail -5
 python3 -m fwagen.bench --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" | tail -60
 echo "== summary"; grep -E "passed|failed" "$OUT/gpu_tests.log" | tail -1; grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitizer.log" | tail -2

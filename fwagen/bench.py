@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fwagen.reference import shifted_window_mask
 from fwagen.timing import copy_bandwidth_gbs, matmul_tflops, require_cuda, time_cuda
 
 DEFAULT_DTYPES = ("float16", "bfloat16")
@@ -123,23 +124,15 @@ def measure_ceilings(dtypes: Iterable[str]) -> dict:
 def swin_shift_mask(window: int, feature_hw: int | tuple[int, int]) -> torch.Tensor:
     """Swin's mask for shifted windows, (nW, N, N) float32: 0 within one image region, -100 across regions.
 
-    Built as the reference code builds it: label the nine regions that the roll by window // 2 brings
-    together, cut the label map into windows, and mask every pair of tokens whose labels differ.
+    The shift is window // 2; fwagen.reference.shifted_window_mask builds it. Maps that are never shifted,
+    or that windows do not tile, are refused here with the reason.
     """
     h, w = (feature_hw, feature_hw) if isinstance(feature_hw, int) else feature_hw
     if min(h, w) <= window:
         raise ValueError(f"a {h}x{w} map is no larger than the {window} window: it is never shifted, so has no mask")
     if h % window or w % window:
         raise ValueError(f"a {h}x{w} map is not a whole number of {window}x{window} windows")
-    shift = window // 2
-    bands = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
-    region = torch.zeros(h, w, dtype=torch.int64)
-    for i, rows in enumerate(bands):
-        for j, cols in enumerate(bands):
-            region[rows, cols] = 3 * i + j
-    labels = region.view(h // window, window, w // window, window).permute(0, 2, 1, 3).reshape(-1, window * window)
-    differ = labels.unsqueeze(1) != labels.unsqueeze(2)
-    return torch.where(differ, -100.0, 0.0).to(torch.float32)
+    return shifted_window_mask(h, w, window, window // 2)
 
 
 @dataclass(frozen=True)

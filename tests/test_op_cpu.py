@@ -19,16 +19,6 @@ OP = torch.ops.fwagen.window_attention_fwd.default
 TOLERANCE = {torch.float64: dict(rtol=0, atol=1e-12), torch.float32: dict(rtol=1e-6, atol=1e-6)}
 
 
-@pytest.fixture(autouse=True)
-def fresh_warning_state():
-    """The fallback warns once per reason per process: start every test with no reason seen."""
-    saved = set(fwagen.op._warned)
-    fwagen.op._warned.clear()
-    yield
-    fwagen.op._warned.clear()
-    fwagen.op._warned.update(saved)
-
-
 @pytest.fixture
 def quiet():
     with warnings.catch_warnings():

@@ -66,16 +66,6 @@ def violations(got, eager, ref, dtype: str) -> list[str]:
     return broken
 
 
-@pytest.fixture(autouse=True)
-def fresh_warning_state():
-    """The op warns once per reason per process: let every test see its own fallback warnings."""
-    saved = set(fwagen.op._warned)
-    fwagen.op._warned.clear()
-    yield
-    fwagen.op._warned.clear()
-    fwagen.op._warned.update(saved)
-
-
 @pytest.fixture(scope="module", params=list(MODELS))
 def case(request):
     """A model as shipped, one input, one projection of the logits, and the float64 run of that model."""
