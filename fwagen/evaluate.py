@@ -377,7 +377,8 @@ class BackwardBench(_Inputs):
             poison = torch.full((self.windows, self.problem.n, 3, self.heads, self.problem.head_dim), math.nan,
                                 dtype=self.dtype, device=self.device)
             del poison
-            got = [g for g in self.launch(variant) if g is not None]
+            dqkv, dbias = self.launch(variant)
+            got = list(dqkv.permute(2, 0, 3, 1, 4).unbind(0)) + ([dbias] if dbias is not None else [])  # (B_, H, N, d)
             torch.cuda.synchronize(self.device)
         if not all(torch.isfinite(g).all() for g in got):
             return Verdict("unwritten or non-finite gradient")

@@ -267,7 +267,7 @@ def tuned_with() -> dict:
         driver = f"{version // 1000}.{version % 1000 // 10}"
     except Exception:  # noqa: BLE001 - provenance is best effort; a missing CuPy leaves the field empty
         pass
-    return {"fwagen": __version__, "torch": torch.__version__, "cuda": torch.version.cuda, "driver": driver,
+    return {"fwagen": __version__, "torch": str(torch.__version__), "cuda": torch.version.cuda, "driver": driver,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 

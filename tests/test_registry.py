@@ -64,6 +64,16 @@ def test_entries_round_trip_through_yaml_with_provenance(tuned):
                                                                          "median_ms": 0.07}
 
 
+def test_this_process_provenance_is_plain_yaml(tuned):
+    # torch.__version__ is a str subclass that yaml.safe_dump refuses; the real provenance must round trip.
+    provenance = registry.tuned_with()
+    assert all(value is None or type(value) is str for value in provenance.values()), provenance
+    written = Entry(ProblemClass(P49, 1024), legal()[0], 0.05, 0.01, default_variant(P49).key(), 0.07, 3, 1.0,
+                    "grid", "study", False, provenance)
+    loaded = registry.load(registry.save([written], H200)).entries[written.pclass.key()]
+    assert loaded.tuned_with == provenance
+
+
 def test_a_write_merges_with_the_file_and_replaces_only_its_own_class(tuned):
     first, second = ProblemClass(P49, 1024), ProblemClass(P49, 4096)
     registry.save([entry(first, legal()[0])], H200)
