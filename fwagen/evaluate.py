@@ -109,7 +109,11 @@ class DeviceLost(RuntimeError):
 
 class GpuEvaluator:
     """Measures variants on one CUDA device: compile (prefetched on CPU threads), prune on resources, verify
-    on fresh random inputs against float64, time with `fwagen.timing` on an input the size of the class."""
+    on fresh random inputs against float64, time with `fwagen.timing` on an input the size of the class.
+
+    Timings are of CUDA graph replays: the tuner ranks GPU time. Eager launches would let host stalls into
+    the numbers of small classes (the compile threads share the interpreter with the launching thread), and
+    the host cost of a call is the same for every variant (the bench reports it separately)."""
 
     def __init__(self, device: int = 0, jobs: int | None = None, reps: int = 50, warmup: int = 10,
                  retime_rounds: int = 30):
@@ -192,7 +196,7 @@ class GpuEvaluator:
             if verdict.problem is not None:
                 return Measurement(key, "wrong", verdict.problem, error=verdict.error, allowed_error=verdict.allowed,
                                    **resources)
-            timing = time_cuda(bench.runner(variant), warmup=self.warmup, reps=self.reps)
+            timing = time_cuda(bench.runner(variant), warmup=self.warmup, reps=self.reps, use_graph=True)
         except Exception as error:  # noqa: BLE001 - a launch failure is a measurement
             reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             if not self._context_alive():
@@ -218,7 +222,7 @@ class GpuEvaluator:
             raise DeviceLost(self._lost)
         bench = self._bench_for(pclass)
         timings = interleaved({v.key(): bench.runner(v) for v in variants}, rounds=self.retime_rounds,
-                              warmup=self.warmup)
+                              warmup=self.warmup, use_graph=True)
         return {key: Measurement(key, "ok", "", t.median_ms, t.p20_ms, t.p80_ms) for key, t in timings.items()}
 
     def close(self) -> None:

@@ -322,7 +322,7 @@ class Worker:
 
     def decide(self, partial: bool, final: int | None = None) -> ClassResult:
         """Re-time the TOP_RETIMED fastest measurements and the default interleaved; among those whose
-        difference from the fastest is inside the spread, the simplest wins."""
+        difference from the fastest is inside the spread, the default wins, else the simplest."""
         started = time.time()
         measured = {m.key: m for _, m in self.measured()}
         fastest = sorted((m for m in measured.values() if m.ok), key=lambda m: m.median_ms)[:TOP_RETIMED]
@@ -338,7 +338,10 @@ class Worker:
             best = min(timed.values(), key=lambda m: m.median_ms)
             ties = [m for m in timed.values()
                     if m.median_ms - best.median_ms <= best.median_ms * max(best.spread, m.spread)]
-            winner = min(ties, key=lambda m: simplicity(self.space.by_key(m.key))).key
+            # A tie with the default keeps the default: a tuned entry must be worth reading back.
+            tied_keys = {m.key for m in ties}
+            winner = default.key() if default is not None and default.key() in tied_keys else \
+                min(ties, key=lambda m: simplicity(self.space.by_key(m.key))).key
         default_m = None if default is None else timed.get(default.key()) or measured.get(default.key())
         record = {"final": -1 if final is None else final, "winner": winner,
                   "winner_m": timed[winner].to_json() if winner else None,

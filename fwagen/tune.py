@@ -265,10 +265,13 @@ def tune(classes, evaluator, *, storage: str | None = None, trials: int | None =
                 for e in f.entries.values()]
     found: dict = {}
     classes = list(classes)
+    # The budget is shared in proportion to planned measurements: a class with no legal variant takes no
+    # share, a swept class of 119 variants more than a five-variant backward class.
+    shares = [planned_trials([pclass], evaluator, trials, sampler) for pclass in classes]
     for index, pclass in enumerate(classes):
         deadline = None
-        if time_budget is not None:
-            deadline = time.time() + (started + time_budget - time.time()) / (len(classes) - index)
+        if time_budget is not None and shares[index]:
+            deadline = time.time() + (started + time_budget - time.time()) * shares[index] / sum(shares[index:])
         result = tune_class(pclass, evaluator, store, slug, seeds=seeds_for(pclass, entries, found), trials=trials,
                             sampler=sampler, seed=seed, deadline=deadline, on_measure=on_measure)
         if result is None:

@@ -175,7 +175,8 @@ def test_failures_are_recorded_with_their_reason_and_never_win(tmp_path):
 
 def test_differences_inside_the_spread_are_ties_won_by_the_simpler_variant(tmp_path):
     space = Space.build(N576, "sm_90")
-    ranked = sorted(space.variants, key=simplicity)
+    default = default_variant(N576.problem)  # out of this race: a tie with the default keeps the default
+    ranked = sorted((v for v in space.variants if v != default), key=simplicity)
     simple, complex_, slow = ranked[0], ranked[-1], ranked[1]
     rows = [(complex_, Measurement(complex_.key(), "ok", median_ms=1.00, p20_ms=0.96, p80_ms=1.04)),
             (simple, Measurement(simple.key(), "ok", median_ms=1.03, p20_ms=1.00, p80_ms=1.06)),
@@ -466,3 +467,36 @@ def test_tune_on_a_gpu_runs_the_search_with_the_gpu_evaluator(monkeypatch, tmp_p
     assert code == 0
     assert N576.key() in capsys.readouterr().out
     assert N576.key() in registry.load(tmp_path / "tuned" / "nvidia-h200.yaml").entries
+
+
+def test_a_tie_with_the_default_keeps_the_default(tmp_path):
+    space = Space.build(N576, "sm_90")
+    default = default_variant(N576.problem)
+    other = min((v for v in space.variants if v != default), key=simplicity)
+    assert simplicity(other) < simplicity(default)  # the simplicity rule alone would pick `other`
+    rows = [(other, Measurement(other.key(), "ok", median_ms=1.00, p20_ms=0.95, p80_ms=1.05)),
+            (default, Measurement(default.key(), "ok", median_ms=1.02, p20_ms=0.97, p80_ms=1.07))]
+    evaluator = RecordingEvaluator(write_recording(tmp_path / "r.jsonl", N576, rows))
+    result = tune_class(N576, evaluator, journal(tmp_path), "nvidia-h200", seed=0)
+    assert result.winner == default and result.speedup == 1
+
+
+def test_the_time_budget_is_shared_by_planned_measurements(tmp_path, monkeypatch):
+    deadlines = {}
+
+    def record_deadline(pclass, evaluator, store, slug, *, deadline=None, **kwargs):
+        if deadline is not None:
+            deadlines[pclass.key()] = deadline - time.time()
+        return None  # as if nothing were legal: nothing is measured or written
+
+    monkeypatch.setattr("fwagen.study.tune_class", record_deadline)
+    nothing = ProblemClass.from_key("bwd_n576_d32_float16_bm_x4096")  # no backward kernel: no share
+    evaluator = RecordingEvaluator(RECORDING)
+    tune.tune([nothing, N576, S3, S1], evaluator, storage=str(tmp_path / "j"), time_budget=100.0)
+    assert nothing.key() not in deadlines
+    shares = {key: tune.planned_trials([ProblemClass.from_key(key)], evaluator) for key in deadlines}
+    assert shares[N576.key()] == 119 and shares[S1.key()] == 48
+    assert deadlines[N576.key()] == pytest.approx(100.0 * 119 / (119 + 48 + 48), rel=0.02)
+    # Time a class leaves unused rolls over (these ones return at once): the next gets its share of all of it.
+    assert deadlines[S3.key()] == pytest.approx(100.0 * 48 / (48 + 48), rel=0.02)
+    assert deadlines[S1.key()] == pytest.approx(100.0, rel=0.02)
