@@ -19,7 +19,7 @@ _DERIVED = {
     "mma": ("head_dim_pad", "chunks_per_item", "m_tiles_per_warp", "warps_per_item", "key_tiles",
             "threads", "smem_row_elems"),
     "simt": ("chunks_per_item", "cols_per_thread", "threads"),
-    "bwd_mma": ("n_pad", "head_dim_pad", "threads", "smem_row_elems"),
+    "bwd_mma": ("n_pad", "head_dim_pad", "threads", "smem_row_elems", "compact_smem"),
 }
 
 

@@ -12,6 +12,10 @@ from .problem import Problem, pad_to
 from .variant import BackwardVariant, ForwardVariant, SimtVariant, Variant
 
 MAX_THREADS = 512
+# The backward holds a window's keys whole: one warp per 16 query rows, P and dS rows of every key in registers
+# (n_pad floats a thread) beside the dQ accumulator; past these bounds ptxas spills (measured with ptxas -v).
+MAX_BACKWARD_WINDOW = 144
+MAX_BACKWARD_ROW_REGISTERS = 176
 # Score and output accumulators live in registers: MT * (KT + DP) / 2 floats per thread. Past this bound
 # the compiler spills for every configuration we tried, so such variants are not worth compiling.
 MAX_ACCUMULATOR_COLUMNS = 320
@@ -24,13 +28,17 @@ def max_smem(arch: str) -> int:
 
 def static_violation(variant: Variant, arch: str = "sm_90") -> str | None:
     """None if the variant may be compiled, else the reason it may not."""
+    if isinstance(variant, BackwardVariant) and variant.n_pad > MAX_BACKWARD_WINDOW:
+        return f"backward kernels cover windows of up to {MAX_BACKWARD_WINDOW} tokens (the reference runs past that)"
     if variant.smem_bytes > max_smem(arch):
         return f"shared memory {variant.smem_bytes} B > {max_smem(arch)} B on {arch}"
     if variant.threads > MAX_THREADS or variant.threads % 32:
         return f"threads {variant.threads} not a multiple of 32 up to {MAX_THREADS}"
     if isinstance(variant, BackwardVariant):
-        if 3 * variant.n_pad + variant.head_dim_pad > MAX_ACCUMULATOR_COLUMNS:
-            return "P, dS and dbias accumulators exceed the register budget (backward covers small windows)"
+        if not variant.compact_smem and 3 * variant.n_pad + variant.head_dim_pad > MAX_ACCUMULATOR_COLUMNS:
+            return "P, dS and dbias accumulators exceed the register budget"
+        if variant.compact_smem and variant.n_pad + variant.head_dim_pad // 2 > MAX_BACKWARD_ROW_REGISTERS:
+            return "a warp's P and dS rows and dQ accumulator exceed the register budget"
         if variant.min_blocks * variant.threads * 32 > REGISTERS_PER_SM:
             return f"{variant.min_blocks} blocks of {variant.threads} threads leave under 32 registers a thread"
         if variant.min_blocks * variant.smem_bytes > max_smem(arch):

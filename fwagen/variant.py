@@ -178,6 +178,9 @@ class SimtVariant:
         return windows * heads * self.chunks_per_item, 1
 
 
+COMPACT_BACKWARD_FROM = 96  # padded window size past which the backward uses its compact shared-memory layout
+
+
 @dataclass(frozen=True)
 class BackwardVariant:
     """Tensor-core backward (fp16/bf16) for windows whose padded size fits one tile.
@@ -205,11 +208,19 @@ class BackwardVariant:
         return 32 * (self.n_pad // 16)
 
     @property
+    def compact_smem(self) -> bool:
+        """Past 96 tokens the whole-window layout outgrows shared memory: the (bias + mask) term is then read
+        from global memory (L2) where it is used, and O is read directly for rowsum(dO * O), not staged."""
+        return self.n_pad > COMPACT_BACKWARD_FROM
+
+    @property
     def smem_bytes(self) -> int:
         elem = ELEMENT_BYTES[self.problem.dtype]
-        tiles = self.stages * 5 * self.n_pad * self.smem_row_elems * elem  # q, k, v, dO, O
+        tiles_per_stage = 4 if self.compact_smem else 5  # q, k, v, dO (and O)
+        tiles = self.stages * tiles_per_stage * self.n_pad * self.smem_row_elems * elem
         staged = 2 * self.n_pad * (self.n_pad + 8) * elem  # P and dS
-        return tiles + staged + 2 * self.n_pad * self.n_pad * 4  # + the (bias + mask) term and dbias sums
+        logit_add = 0 if self.compact_smem else self.n_pad * self.n_pad * 4
+        return tiles + staged + logit_add + self.n_pad * self.n_pad * 4  # + the dbias sums
 
     def grid(self, windows: int, heads: int, mask_windows: int, resident_blocks: int) -> tuple[int, int]:
         # Whole (head, mask window) pairs per block keep dbias one partial sum per block; as many splits of

@@ -188,6 +188,18 @@ def test_markdown_table_has_one_line_per_row_with_formatted_cells():
     assert "no window_attention \\| here" in lines[4] and "second line" not in lines[4]
 
 
+def test_train_table_shows_graph_replay_times_beside_eager_ones():
+    rows = [_row("fwagen", ms=0.684, graph_ms=0.402, x_floor=1.86, spread=0.47, err=5.8e-4, ok=True, peak_mb=302.0,
+                 grads_mb=441.0),
+            _row("flex", ms=4.049, x_floor=18.7, spread=0.0, err=5.8e-4, ok=True, peak_mb=303.0, grads_mb=441.0)]
+    lines = markdown_table(rows).splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split(" | ")]
+    assert header[4:6] == ["ms", "graph ms"] and "peak MB" in header
+    cells = [[c.strip() for c in line.strip("|").split(" | ")] for line in lines[2:]]
+    assert cells[0][4:7] == ["0.684", "0.402", "0.072"] and cells[1][5] == "-"  # flex: not captured
+    assert len(cells[0]) == len(header) == len(lines[1].strip("|").split("|"))
+
+
 def test_write_reports_names_files_by_gpu_and_writes_valid_json(tmp_path):
     env = {"device": "NVIDIA H200", "capability": "9.0", "torch": "2.11.0", "cuda": "13.0", "date": "2026-01-01"}
     ceilings = {"copy_gbs": 4280.0, "matmul_tflops": {"float16": 790.0}}

@@ -26,7 +26,8 @@ from fwagen import compiler
 from fwagen.compiler import CompileError, compile_variant, parse_ptxas_report
 from fwagen.problem import Problem
 from fwagen.render import render
-from fwagen.space import candidates, default_variant, max_smem, resource_violation, static_violation
+from fwagen.space import (backward_candidates, candidates, default_backward, default_variant, max_smem,
+                          resource_violation, static_violation)
 from fwagen.variant import ForwardVariant, SimtVariant, variant_from_dict
 
 ARCHS = ("sm_80", "sm_90")
@@ -53,6 +54,27 @@ PROBLEMS = [
     Problem(1024, 32, "float16", False, True),
     Problem(1024, 8, "float32", False, False),
 ]
+# Backward kernels (fp16/bf16): every legal variant of these compiles for sm_90, their defaults for sm_80 too.
+# Windows up to 96 tokens use the whole-window layout, 100 and 144 the compact one.
+BACKWARD_PROBLEMS = [
+    Problem(1, 16, "float16", True, True, "bwd"),
+    Problem(9, 64, "bfloat16", False, True, "bwd"),
+    Problem(49, 32, "float16", True, True, "bwd"),
+    Problem(49, 32, "bfloat16", True, False, "bwd"),
+    Problem(64, 128, "float16", True, False, "bwd"),
+    Problem(100, 32, "bfloat16", True, True, "bwd"),
+    Problem(144, 32, "float16", True, True, "bwd"),
+    Problem(144, 16, "bfloat16", False, False, "bwd"),
+]
+
+
+def backward_jobs():
+    """(variant, arch) pairs of the backward kernels compiled here."""
+    pairs = [(v, "sm_90") for p in BACKWARD_PROBLEMS for v in backward_candidates(p, "sm_90")[0]]
+    pairs += [(v, "sm_80") for v in (default_backward(p, "sm_80") for p in BACKWARD_PROBLEMS) if v is not None]
+    return pairs
+
+
 # Sources of the knob-covering sample: small, medium, large N; narrow and wide heads; both kinds.
 SPACE_PROBLEMS = [
     Problem(9, 16, "float16", False, False),
@@ -118,6 +140,8 @@ def compile_jobs(tmp_path_factory):
                 for variant in SAMPLE[arch] + [default_or_none(p, arch) for p in PROBLEMS]:
                     if variant is not None and (variant, arch) not in jobs and static_violation(variant, arch) is None:
                         jobs[variant, arch] = pool.submit(timed, variant, arch)
+            for variant, arch in backward_jobs():
+                jobs.setdefault((variant, arch), pool.submit(timed, variant, arch))
             _BACKGROUND.extend(jobs.values())
             yield jobs
             seconds = sum(job.result()[1] for job in jobs.values() if job.done() and not job.exception())
@@ -181,6 +205,25 @@ def test_default_variant_is_legal_and_compiles_within_resources(compile_jobs, pr
     kernel = compiled(compile_jobs, variant, arch)
     assert kernel.resources.registers > 0
     assert resource_violation(variant, kernel.resources) is None, kernel.resources
+
+
+@pytest.mark.parametrize("variant, arch", [pytest.param(v, a, id=f"{a}-{v.key()}") for v, a in backward_jobs()])
+def test_backward_variant_compiles_within_resources(compile_jobs, variant, arch):
+    assert static_violation(variant, arch) is None
+    kernel = compiled(compile_jobs, variant, arch)
+    assert kernel.name == variant.key() and 0 < kernel.resources.registers <= 255
+    assert resource_violation(variant, kernel.resources) is None, kernel.resources
+
+
+def test_backward_covers_swin_windows_up_to_12_and_says_why_not_past_that():
+    for n in (49, 64, 144):
+        variant = default_backward(Problem(n, 32, "float16", True, True, "bwd"), "sm_90")
+        assert variant is not None and variant.compact_smem == (n > 96)
+    assert default_backward(Problem(256, 32, "float16", True, True, "bwd"), "sm_90") is None
+    reasons = set(backward_candidates(Problem(256, 32, "float16", True, True, "bwd"), "sm_90")[1].values())
+    assert any("up to 144 tokens" in reason for reason in reasons)
+    reasons = set(backward_candidates(Problem(144, 64, "float16", True, True, "bwd"), "sm_90")[1].values())
+    assert all("shared memory" in reason for reason in reasons)
 
 
 # Defaults that ptxas compiles with spills on sm_90 (within space.MAX_SPILL_BYTES, so resource_violation accepts

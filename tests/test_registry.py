@@ -238,7 +238,7 @@ def test_backward_dispatch_uses_tuned_entries_and_reports_missing_kernels(tuned)
         dispatch.choose_backward(P49, 4096, "sm_90", dispatch.gpu_name())
     assert dispatch.choose_backward(P49, 4096, "sm_90", "NVIDIA H200") .variant == other
     assert dispatch.choose_backward(P49, 4096, "sm_80", "NVIDIA A100").rule == "built-in default"
-    assert dispatch.choose_backward(Problem(144, 32, "float16", True, True), 4096, "sm_90").variant is None
+    assert dispatch.choose_backward(Problem(256, 32, "float16", True, True), 4096, "sm_90").variant is None
 
 
 def test_explain_names_the_rule_and_the_source_for_forward_and_backward(tuned):
