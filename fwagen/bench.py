@@ -471,17 +471,19 @@ def run_bench(
     if shapes is None:
         shapes = SHAPES[:1] if quick else SHAPES
     ceilings = measure_ceilings(dtypes)
+    env = environment()
+    env["host_overhead_us"] = host_overhead_us()
+    print("host time per call (us): " + ", ".join(f"{k} {v:.1f}" for k, v in env["host_overhead_us"].items()),
+          file=sys.stderr)
     rows: list[dict] = []
+    json_path = md_path = None
     for case in cases(shapes, dtypes):
         case_rows = bench_case(case, ceilings, train=train)
         rows.extend(case_rows)
         summary = ", ".join(f"{r['impl']} {_cell(r['ms'], '.3f')}" for r in case_rows)
         print(f"{case.name}: {summary} ms", file=sys.stderr, flush=True)
-    env = environment()
-    env["host_overhead_us"] = host_overhead_us()
-    print("host time per call (us): " + ", ".join(f"{k} {v:.1f}" for k, v in env["host_overhead_us"].items()),
-          file=sys.stderr)
-    json_path, md_path = write_reports(rows, env, ceilings, out_dir, "train" if train else "forward")
+        # Rewritten after every case: a run cut short still leaves the cases it finished.
+        json_path, md_path = write_reports(rows, env, ceilings, out_dir, "train" if train else "forward")
     print(markdown_table(rows))
     print(f"wrote {json_path} and {md_path}", file=sys.stderr)
     return rows
