@@ -152,15 +152,18 @@ def launch_backward(variant: Variant, q, k, v, out, dout, lse, bias, mask, scale
     loaded, blocks, splits = _plan(variant, device.index, windows, heads, mask_windows)
     grads = torch.empty(windows, n, 3, heads, d, dtype=q.dtype, device=device)
     dq, dk, dv = (grads[:, :, i].transpose(1, 2) for i in range(3))
-    partial = torch.empty(blocks, n, n, dtype=torch.float32, device=device)
+    partial_shape, summed_dims = variant.dbias_partials(heads, mask_windows, splits)
+    allocate = torch.empty if blocks else torch.zeros  # no windows: nothing runs, and dbias is zero
+    partial = allocate(partial_shape, dtype=torch.float32, device=device)
     packed = _BACKWARD_ARGS.pack(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), *_strides(q), *_strides(k), *_strides(v),
         out.data_ptr(), dout.data_ptr(), *_strides(out), lse.data_ptr(), _pointer(bias), _pointer(mask),
         dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), *_strides(dq), partial.data_ptr(),
         windows, heads, mask_windows, scale, splits,
     )
-    _launch(loaded, variant, blocks, packed, device)
+    if blocks:
+        _launch(loaded, variant, blocks, packed, device)
     dbias = None
     if bias is not None:
-        dbias = partial.view(max(mask_windows, 1), heads, splits, n, n).sum(dim=(0, 2))
+        dbias = partial.sum(dim=summed_dims)
     return grads, dbias

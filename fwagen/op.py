@@ -2,8 +2,9 @@
 
 The op runs a compiled kernel for CUDA tensors in float16, bfloat16 or float32 whose shape a kernel
 covers; anything else (CPU tensors, float64, N > 1024, odd head dims) runs the reference with a one-time
-warning that says why. The backward runs a kernel for float16/bfloat16 windows it covers (see
-`space.default_backward`) and differentiates the reference elsewhere.
+warning that says why. The backward runs a kernel wherever the forward does (see `space.default_backward`:
+tensor cores for float16/bfloat16 windows of up to 144 tokens, CUDA cores for the rest) and differentiates the
+reference elsewhere.
 """
 from __future__ import annotations
 
@@ -128,7 +129,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward_kernel(q, bias, mask):
     """The backward variant for these inputs, or None where the reference must be differentiated."""
-    if _no_kernel_reason(q) is not None or q.dtype == torch.float32:
+    if _no_kernel_reason(q) is not None:
         return None
     slot = (q.shape, q.dtype, bias is not None, mask is not None, q.device.index)
     if slot not in _backward_choices:

@@ -23,7 +23,7 @@ import yaml
 from . import __version__
 from .bench import gpu_slug  # 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3', the file name of its YAML
 from .problem import Problem
-from .variant import BackwardVariant, Variant, variant_from_dict
+from .variant import BACKWARD_KINDS, Variant, variant_from_dict
 
 SCHEMA_VERSION = 1
 TUNED_DIR_ENV = "FWAGEN_TUNED_DIR"
@@ -125,7 +125,7 @@ def entry_from_yaml(class_key: str, data) -> Entry:
         variant = variant_from_dict({**knobs, "problem": asdict(pclass.problem)})
     except (TypeError, ValueError) as error:
         raise ValueError(f"entry {class_key}: variant: {error}") from None
-    if (pclass.problem.direction == "bwd") != isinstance(variant, BackwardVariant):
+    if (pclass.problem.direction == "bwd") != (variant.kind in BACKWARD_KINDS):
         raise ValueError(f"entry {class_key}: a {variant.kind} variant cannot serve a {pclass.problem.direction} class")
     default = data.get("default") or {}
     numbers = {"median_ms": data["median_ms"], "spread": data.get("spread", 0.0),

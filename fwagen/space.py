@@ -9,7 +9,7 @@ import itertools
 
 from .compiler import DEFAULT_MAX_SMEM, MAX_SMEM_PER_BLOCK, Resources, compile_variant
 from .problem import Problem, pad_to
-from .variant import BackwardVariant, ForwardVariant, SimtVariant, Variant
+from .variant import BackwardSimtVariant, BackwardVariant, ForwardVariant, SimtVariant, Variant
 
 MAX_THREADS = 512
 # The backward holds a window's keys whole: one warp per 16 query rows, P and dS rows of every key in registers
@@ -29,7 +29,8 @@ def max_smem(arch: str) -> int:
 def static_violation(variant: Variant, arch: str = "sm_90") -> str | None:
     """None if the variant may be compiled, else the reason it may not."""
     if isinstance(variant, BackwardVariant) and variant.n_pad > MAX_BACKWARD_WINDOW:
-        return f"backward kernels cover windows of up to {MAX_BACKWARD_WINDOW} tokens (the reference runs past that)"
+        return (f"tensor-core backward kernels cover windows of up to {MAX_BACKWARD_WINDOW} tokens "
+                "(the CUDA-core backward runs past that)")
     if variant.smem_bytes > max_smem(arch):
         return f"shared memory {variant.smem_bytes} B > {max_smem(arch)} B on {arch}"
     if variant.threads > MAX_THREADS or variant.threads % 32:
@@ -43,6 +44,12 @@ def static_violation(variant: Variant, arch: str = "sm_90") -> str | None:
             return f"{variant.min_blocks} blocks of {variant.threads} threads leave under 32 registers a thread"
         if variant.min_blocks * variant.smem_bytes > max_smem(arch):
             return f"{variant.min_blocks} blocks of {variant.smem_bytes} B shared memory do not fit one SM"
+        return None
+    if isinstance(variant, BackwardSimtVariant):
+        if variant.cols_per_thread > 32:
+            return "more than 32 head-dim columns per thread"
+        if variant.row_chunk > max(pad_to(variant.problem.n, 16), 32 // variant.threads_per_row):
+            return "row_chunk larger than the window (beyond the one warp a block needs)"
         return None
     if isinstance(variant, SimtVariant):
         if variant.problem.head_dim % variant.threads_per_row:
@@ -142,18 +149,44 @@ def default_variant(problem: Problem, arch: str = "sm_90") -> Variant:
     raise AssertionError(f"no default variant is legal for {problem.key()} on {arch}")
 
 
+def _backward_simt_candidates(problem: Problem):
+    for chunk, tpr, tile in itertools.product((16, 32, 64, 128), (1, 2, 4, 8), (16, 32, 64)):
+        yield BackwardSimtVariant(problem, row_chunk=chunk, threads_per_row=tpr, tile_rows=tile)
+
+
 def backward_candidates(problem: Problem, arch: str = "sm_90") -> tuple[list[Variant], dict[str, str]]:
-    """All backward variants of `problem` (none for float32): (legal ones, {key: reason} for the pruned)."""
-    if not problem.uses_tensor_cores:
-        return [], {}
-    return _partition((BackwardVariant(problem, stages=stages, min_blocks=min_blocks)
-                       for stages, min_blocks in itertools.product((1, 2), (1, 2, 3, 4))), arch)
+    """All backward variants of `problem`: (legal ones, {key: reason} for the pruned). Tensor-core variants where
+    one is legal (float16/bfloat16 windows of up to 144 tokens), else the CUDA-core ones, which cover the rest."""
+    pruned = {}
+    if problem.uses_tensor_cores:
+        legal, pruned = _partition((BackwardVariant(problem, stages=stages, min_blocks=min_blocks)
+                                    for stages, min_blocks in itertools.product((1, 2), (1, 2, 3, 4))), arch)
+        if legal:
+            return legal, pruned
+    legal, simt_pruned = _partition(_backward_simt_candidates(problem), arch)
+    return legal, {**pruned, **simt_pruned}
 
 
-def default_backward(problem: Problem, arch: str = "sm_90") -> BackwardVariant | None:
-    """The backward kernel for `problem`, or None where none covers it (the op then differentiates the
-    PyTorch reference)."""
+# CUDA-core backward defaults, most preferred first, as (row_chunk, tile_rows); threads_per_row keeps 16 head-dim
+# columns a thread (four such arrays live in registers in the dK/dV blocks). Chosen unmeasured: a starting point
+# the tuner replaces; the smaller ones fit architectures with less shared memory.
+_SIMT_BACKWARD_PREFERENCE = ((64, 32), (32, 32), (32, 16), (16, 16))
+
+
+def default_backward(problem: Problem, arch: str = "sm_90") -> Variant | None:
+    """The untuned backward kernel for `problem`: compiled on `arch` without spills; None where none is legal
+    (the op then differentiates the PyTorch reference)."""
     legal, _ = backward_candidates(problem, arch)
-    # One stage, registers capped for three blocks per SM, measured fastest on an H200 for windows of 7 and 8
-    # (bench/sweep_backward.py); the next legal choices follow.
-    return min(legal, key=lambda v: (v.stages, abs(v.min_blocks - 3)), default=None)
+    tensor_core = [v for v in legal if isinstance(v, BackwardVariant)]
+    if tensor_core:
+        # One stage, registers capped for three blocks per SM, measured fastest on an H200 for windows of 7 and 8
+        # (bench/sweep_backward.py); the next legal choices follow.
+        return min(tensor_core, key=lambda v: (v.stages, abs(v.min_blocks - 3)))
+    tpr = max(1, problem.head_dim // 16)
+    preferred = [BackwardSimtVariant(problem, row_chunk=chunk, threads_per_row=tpr, tile_rows=tile)
+                 for chunk, tile in _SIMT_BACKWARD_PREFERENCE]
+    for variant in [v for v in preferred if v in legal] + [v for v in legal if v not in preferred]:
+        resources = compile_variant(variant, arch).resources
+        if resources.spill_bytes == 0 and resource_violation(variant, resources) is None:
+            return variant
+    return None

@@ -231,8 +231,84 @@ class BackwardVariant:
         splits = max(1, min(windows // pair_windows, resident_blocks // pairs))
         return pairs * splits, splits
 
+    def dbias_partials(self, heads: int, mask_windows: int, splits: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(shape of the float32 partial sums, one per block, and the dims summed to give dbias)."""
+        n = self.problem.n
+        return (max(mask_windows, 1), heads, splits, n, n), (0, 2)
 
-Variant = ForwardVariant | SimtVariant | BackwardVariant
+
+# dbias partial sums of the CUDA-core backward stay under this many bytes: they are the one buffer of that kernel
+# that grows with the number of splits, and the peak memory of a training step should not.
+DBIAS_PARTIAL_BUDGET_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class BackwardSimtVariant:
+    """CUDA-core backward for any dtype, window size and head dim, float32 arithmetic (no TF32).
+
+    One launch runs two kinds of block, neither needing the other's results:
+      * dQ blocks (the first heads x chunks x splits): a block owns `row_chunk` query rows of one head and walks
+        the windows of its split; per window it recomputes P and dS against every key, forms dQ, and adds dS
+        into its rows of its split's float32 dbias partial sum (in global memory, owned by this block alone);
+      * dK/dV blocks (one per window, head and chunk of `row_chunk` keys) recompute P and dS against every query
+        row and form dK and dV.
+    `threads_per_row` threads share a row (head_dim / threads_per_row columns each); the other side's rows are
+    staged through shared memory `tile_rows` at a time.
+    """
+
+    problem: Problem
+    row_chunk: int = 64
+    threads_per_row: int = 2
+    tile_rows: int = 32
+
+    kind = "bwd_simt"
+
+    knobs = ForwardVariant.knobs
+    key = ForwardVariant.key
+    to_dict = ForwardVariant.to_dict
+    n_pad = ForwardVariant.n_pad
+
+    @property
+    def chunks_per_item(self) -> int:
+        return -(-self.problem.n // self.row_chunk)
+
+    @property
+    def cols_per_thread(self) -> int:
+        return self.problem.head_dim // self.threads_per_row
+
+    @property
+    def threads(self) -> int:
+        return self.row_chunk * self.threads_per_row
+
+    @property
+    def smem_bytes(self) -> int:
+        problem = self.problem
+        staged = 2 * self.tile_rows * problem.head_dim * 4  # K and V (dQ blocks) or Q and dO (dK/dV blocks)
+        tile = self.row_chunk * (self.tile_rows + 1) * 4  # one [row_chunk][tile_rows] float tile, padded
+        dq_extra = tile * ((problem.has_bias or problem.has_mask) + problem.has_bias)  # (bias + mask), and dS
+        return staged + max(dq_extra, 2 * self.tile_rows * 4)  # (dK/dV blocks: the staged rows' lse and D)
+
+    def grid(self, windows: int, heads: int, mask_windows: int, resident_blocks: int) -> tuple[int, int]:
+        """(blocks, splits): dQ blocks first (they run longest), then one dK/dV block per window, head and chunk.
+        Without a bias every dQ block takes one window; with one, splits are bounded by the resident blocks
+        (more buys no parallelism) and by the dbias partials' memory."""
+        if windows == 0:
+            return 0, 1
+        owners = heads * self.chunks_per_item
+        splits = windows
+        if self.problem.has_bias:
+            by_memory = DBIAS_PARTIAL_BUDGET_BYTES // (heads * self.problem.n ** 2 * 4)
+            splits = max(1, min(windows, by_memory, -(-4 * resident_blocks // owners)))
+        return owners * splits + windows * owners, splits
+
+    def dbias_partials(self, heads: int, mask_windows: int, splits: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(shape of the float32 partial sums, dims summed to give dbias)."""
+        n = self.problem.n
+        return ((splits, heads, n, n) if self.problem.has_bias else (0,)), (0,)
+
+
+Variant = ForwardVariant | SimtVariant | BackwardVariant | BackwardSimtVariant
+BACKWARD_KINDS = ("bwd_mma", "bwd_simt")
 
 _ABBREV = {
     "windows_per_block": "w",
@@ -242,6 +318,8 @@ _ABBREV = {
     "stages": "s",
     "min_blocks": "b",
     "threads_per_row": "t",
+    "row_chunk": "c",
+    "tile_rows": "n",
 }
 
 
@@ -253,7 +331,7 @@ def variant_from_dict(data: dict) -> Variant:
     """Inverse of `to_dict`; raises ValueError naming what is wrong."""
     data = dict(data)
     kind = data.pop("kind", None)
-    kinds = {"mma": ForwardVariant, "simt": SimtVariant, "bwd_mma": BackwardVariant}
+    kinds = {"mma": ForwardVariant, "simt": SimtVariant, "bwd_mma": BackwardVariant, "bwd_simt": BackwardSimtVariant}
     cls = kinds.get(kind)
     if cls is None:
         raise ValueError(f"variant kind {kind!r}: expected one of {sorted(kinds)}")

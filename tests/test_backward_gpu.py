@@ -16,7 +16,7 @@ from helpers import DTYPES, make_inputs
 pytestmark = pytest.mark.gpu
 
 AXES = {
-    "n": (1, 9, 16, 25, 49, 64, 100, 121, 144),
+    "n": (1, 9, 16, 25, 49, 64, 100, 121, 144, 256, 576, 1024),  # tensor cores up to 144 (16-bit), CUDA cores past
     "d": (16, 32, 64, 128),
     "heads": (1, 3, 4, 7),
     "dtype": ("float16", "bfloat16", "float32"),
@@ -94,10 +94,19 @@ def test_swin_window12_uses_the_compact_backward_kernel_and_matches():
     run_case(128, 4, 144, 32, torch.bfloat16, bias=True, mask_windows=16, qkv_strided=True, token_major=True)
 
 
-@pytest.mark.parametrize("n", [49, 144])
-def test_gradients_are_bitwise_deterministic(n):
-    q, k, v, b, m = make_inputs(512, 3, n, 32, torch.bfloat16, mask_windows=64, qkv_strided=True)
-    grad_out = torch.randn(512, 3, n, 32, device="cuda").to(torch.bfloat16)
+def test_float32_and_window24_use_the_cuda_core_backward_kernel_and_match():
+    for n, dtype in ((49, "float32"), (576, "bfloat16")):
+        assert default_backward(Problem(n, 32, dtype, True, True, "bwd")).kind == "bwd_simt"
+    run_case(256, 3, 49, 32, torch.float32, bias=True, mask_windows=64, qkv_strided=True, token_major=True)
+    run_case(32, 4, 576, 32, torch.bfloat16, bias=True, mask_windows=16, qkv_strided=True, token_major=True)
+
+
+@pytest.mark.parametrize("n, dtype", [(49, "bfloat16"), (144, "bfloat16"), (49, "float32"), (256, "float16")])
+def test_gradients_are_bitwise_deterministic(n, dtype):
+    dtype = DTYPES[dtype]
+    windows = 512 if n <= 144 else 64
+    q, k, v, b, m = make_inputs(windows, 3, n, 32, dtype, mask_windows=64, qkv_strided=True)
+    grad_out = torch.randn(windows, 3, n, 32, device="cuda").to(dtype)
 
     def run():
         return gradients(q, k, v, b, m, grad_out, lambda *a: fwagen.window_attention(*a))
@@ -115,5 +124,6 @@ def test_mask_requiring_grad_is_refused():
 
 def test_small_backward_grid_for_sanitizer():
     """A few tiny backward launches; the device run executes this one under compute-sanitizer."""
-    for dtype, n, d in (("float16", 49, 32), ("bfloat16", 9, 16), ("float16", 64, 64), ("bfloat16", 144, 32)):
+    for dtype, n, d in (("float16", 49, 32), ("bfloat16", 9, 16), ("float16", 64, 64), ("bfloat16", 144, 32),
+                        ("float32", 49, 32), ("bfloat16", 200, 16)):
         run_case(4, 2, n, d, DTYPES[dtype], bias=True, mask_windows=2, qkv_strided=True, token_major=True)
