@@ -9,7 +9,8 @@ import itertools
 
 from .compiler import DEFAULT_MAX_SMEM, MAX_SMEM_PER_BLOCK, Resources, compile_variant
 from .problem import Problem, pad_to
-from .variant import BackwardSimtVariant, BackwardVariant, ForwardVariant, SimtVariant, Variant
+from .variant import (BackwardSimtVariant, BackwardTileVariant, BackwardVariant, ForwardVariant, SimtVariant,
+                      Variant)
 
 MAX_THREADS = 512
 # The backward holds a window's keys whole: one warp per 16 query rows, P and dS rows of every key in registers
@@ -40,6 +41,16 @@ def static_violation(variant: Variant, arch: str = "sm_90") -> str | None:
             return "P, dS and dbias accumulators exceed the register budget"
         if variant.compact_smem and variant.n_pad + variant.head_dim_pad // 2 > MAX_BACKWARD_ROW_REGISTERS:
             return "a warp's P and dS rows and dQ accumulator exceed the register budget"
+        if variant.min_blocks * variant.threads * 32 > REGISTERS_PER_SM:
+            return f"{variant.min_blocks} blocks of {variant.threads} threads leave under 32 registers a thread"
+        if variant.min_blocks * variant.smem_bytes > max_smem(arch):
+            return f"{variant.min_blocks} blocks of {variant.smem_bytes} B shared memory do not fit one SM"
+        return None
+    if isinstance(variant, BackwardTileVariant):
+        if max(variant.own_rows, variant.tile_rows) > pad_to(variant.n_pad, 32):
+            return "own_rows or tile_rows larger than the window"
+        if variant.tile_rows + variant.head_dim_pad > MAX_ACCUMULATOR_COLUMNS:
+            return "score and gradient accumulators exceed the register budget"
         if variant.min_blocks * variant.threads * 32 > REGISTERS_PER_SM:
             return f"{variant.min_blocks} blocks of {variant.threads} threads leave under 32 registers a thread"
         if variant.min_blocks * variant.smem_bytes > max_smem(arch):
@@ -154,13 +165,20 @@ def _backward_simt_candidates(problem: Problem):
         yield BackwardSimtVariant(problem, row_chunk=chunk, threads_per_row=tpr, tile_rows=tile)
 
 
+def _backward_tensor_core_candidates(problem: Problem):
+    for stages, min_blocks in itertools.product((1, 2), (1, 2, 3, 4)):
+        yield BackwardVariant(problem, stages=stages, min_blocks=min_blocks)
+    for own, tile, min_blocks in itertools.product((32, 64, 128), (32, 64), (1, 2, 4)):
+        yield BackwardTileVariant(problem, own_rows=own, tile_rows=tile, min_blocks=min_blocks)
+
+
 def backward_candidates(problem: Problem, arch: str = "sm_90") -> tuple[list[Variant], dict[str, str]]:
     """All backward variants of `problem`: (legal ones, {key: reason} for the pruned). Tensor-core variants where
-    one is legal (float16/bfloat16 windows of up to 144 tokens), else the CUDA-core ones, which cover the rest."""
+    one is legal (float16/bfloat16: whole-window up to 144 tokens, tiled at any size), else the CUDA-core ones
+    (float32, and whatever the tensor-core kernels cannot hold)."""
     pruned = {}
     if problem.uses_tensor_cores:
-        legal, pruned = _partition((BackwardVariant(problem, stages=stages, min_blocks=min_blocks)
-                                    for stages, min_blocks in itertools.product((1, 2), (1, 2, 3, 4))), arch)
+        legal, pruned = _partition(_backward_tensor_core_candidates(problem), arch)
         if legal:
             return legal, pruned
     legal, simt_pruned = _partition(_backward_simt_candidates(problem), arch)
@@ -177,11 +195,16 @@ def default_backward(problem: Problem, arch: str = "sm_90") -> Variant | None:
     """The untuned backward kernel for `problem`: compiled on `arch` without spills; None where none is legal
     (the op then differentiates the PyTorch reference)."""
     legal, _ = backward_candidates(problem, arch)
-    tensor_core = [v for v in legal if isinstance(v, BackwardVariant)]
-    if tensor_core:
+    whole_window = [v for v in legal if isinstance(v, BackwardVariant)]
+    if whole_window:
         # One stage, registers capped for three blocks per SM, measured fastest on an H200 for windows of 7 and 8
         # (bench/sweep_backward.py); the next legal choices follow.
-        return min(tensor_core, key=lambda v: (v.stages, abs(v.min_blocks - 3)))
+        return min(whole_window, key=lambda v: (v.stages, abs(v.min_blocks - 3)))
+    tiled = [v for v in legal if isinstance(v, BackwardTileVariant)]
+    for variant in sorted(tiled, key=lambda v: (abs(v.own_rows - 64), -v.tile_rows, abs(v.min_blocks - 2))):
+        resources = compile_variant(variant, arch).resources
+        if resources.spill_bytes == 0 and resource_violation(variant, resources) is None:
+            return variant
     tpr = max(1, problem.head_dim // 16)
     preferred = [BackwardSimtVariant(problem, row_chunk=chunk, threads_per_row=tpr, tile_rows=tile)
                  for chunk, tile in _SIMT_BACKWARD_PREFERENCE]

@@ -307,8 +307,68 @@ class BackwardSimtVariant:
         return ((splits, heads, n, n) if self.problem.has_bias else (0,)), (0,)
 
 
-Variant = ForwardVariant | SimtVariant | BackwardVariant | BackwardSimtVariant
-BACKWARD_KINDS = ("bwd_mma", "bwd_simt")
+# The tiled tensor-core backward's dbias partial sums are read and written once per window and score: kept under
+# this size they stay in L2 (50 MB on an H100, 60 MB on an H200).
+DBIAS_PARTIAL_L2_BYTES = 24 * 2**20
+
+
+@dataclass(frozen=True)
+class BackwardTileVariant:
+    """Tensor-core backward (fp16/bf16) for windows of any size: the other side's rows come `tile_rows` at a time.
+
+    One launch runs two kinds of block, neither needing the other's results:
+      * dQ blocks (the first heads x chunks x splits): `own_rows` query rows of one head (16 a warp) over the windows
+        of a split; per key tile they recompute P and dS, accumulate dQ = dS K, and add dS into the split's float32
+        dbias partial (global memory, L2-resident, each element owned by one lane);
+      * dK/dV blocks (one per window, head and chunk of `own_rows` keys) compute S^T and dP^T per query tile, so
+        that P^T and dS^T feed dV = P^T dO and dK = dS^T Q straight from registers.
+    """
+
+    problem: Problem
+    own_rows: int = 64
+    tile_rows: int = 64
+    min_blocks: int = 1
+
+    kind = "bwd_tile"
+
+    knobs = ForwardVariant.knobs
+    key = ForwardVariant.key
+    to_dict = ForwardVariant.to_dict
+    n_pad = ForwardVariant.n_pad
+    head_dim_pad = ForwardVariant.head_dim_pad
+    smem_row_elems = ForwardVariant.smem_row_elems
+
+    @property
+    def chunks_per_item(self) -> int:
+        return -(-self.problem.n // self.own_rows)
+
+    @property
+    def threads(self) -> int:
+        return 32 * (self.own_rows // 16)
+
+    @property
+    def smem_bytes(self) -> int:
+        tiles = 3 * (self.own_rows + self.tile_rows) * self.smem_row_elems * ELEMENT_BYTES[self.problem.dtype]
+        return tiles + self.own_rows * self.tile_rows * 4 + 2 * self.tile_rows * 4  # (bias + mask), lse and D
+
+    def grid(self, windows: int, heads: int, mask_windows: int, resident_blocks: int) -> tuple[int, int]:
+        """(blocks, splits): dQ blocks first, then one dK/dV block per window, head and chunk. With a bias, enough
+        splits that a dQ block's windows are about the average block's share of the launch, within the L2 budget
+        of the partial sums; without, one window each."""
+        if windows == 0:
+            return 0, 1
+        owners = heads * self.chunks_per_item
+        splits = windows
+        if self.problem.has_bias:
+            by_l2 = DBIAS_PARTIAL_L2_BYTES // (heads * self.problem.n ** 2 * 4)
+            splits = max(1, min(windows, by_l2, -(-resident_blocks // (2 * owners))))
+        return owners * splits + windows * owners, splits
+
+    dbias_partials = BackwardSimtVariant.dbias_partials
+
+
+Variant = ForwardVariant | SimtVariant | BackwardVariant | BackwardSimtVariant | BackwardTileVariant
+BACKWARD_KINDS = ("bwd_mma", "bwd_simt", "bwd_tile")
 
 _ABBREV = {
     "windows_per_block": "w",
@@ -320,6 +380,7 @@ _ABBREV = {
     "threads_per_row": "t",
     "row_chunk": "c",
     "tile_rows": "n",
+    "own_rows": "o",
 }
 
 
@@ -331,7 +392,8 @@ def variant_from_dict(data: dict) -> Variant:
     """Inverse of `to_dict`; raises ValueError naming what is wrong."""
     data = dict(data)
     kind = data.pop("kind", None)
-    kinds = {"mma": ForwardVariant, "simt": SimtVariant, "bwd_mma": BackwardVariant, "bwd_simt": BackwardSimtVariant}
+    kinds = {"mma": ForwardVariant, "simt": SimtVariant, "bwd_mma": BackwardVariant, "bwd_simt": BackwardSimtVariant,
+             "bwd_tile": BackwardTileVariant}
     cls = kinds.get(kind)
     if cls is None:
         raise ValueError(f"variant kind {kind!r}: expected one of {sorted(kinds)}")

@@ -9,7 +9,10 @@ import torch
 import fwagen
 from fwagen.problem import Problem
 from fwagen.reference import window_attention_reference
-from fwagen.space import default_backward
+from fwagen.compiler import device_arch
+from fwagen.evaluate import BackwardBench
+from fwagen.registry import ProblemClass
+from fwagen.space import backward_candidates, default_backward
 
 from helpers import DTYPES, make_inputs
 
@@ -94,9 +97,9 @@ def test_swin_window12_uses_the_compact_backward_kernel_and_matches():
     run_case(128, 4, 144, 32, torch.bfloat16, bias=True, mask_windows=16, qkv_strided=True, token_major=True)
 
 
-def test_float32_and_window24_use_the_cuda_core_backward_kernel_and_match():
-    for n, dtype in ((49, "float32"), (576, "bfloat16")):
-        assert default_backward(Problem(n, 32, dtype, True, True, "bwd")).kind == "bwd_simt"
+def test_float32_uses_the_cuda_core_and_window24_the_tiled_backward_kernel_and_both_match():
+    for n, dtype, kind in ((49, "float32", "bwd_simt"), (576, "bfloat16", "bwd_tile")):
+        assert default_backward(Problem(n, 32, dtype, True, True, "bwd")).kind == kind
     run_case(256, 3, 49, 32, torch.float32, bias=True, mask_windows=64, qkv_strided=True, token_major=True)
     run_case(32, 4, 576, 32, torch.bfloat16, bias=True, mask_windows=16, qkv_strided=True, token_major=True)
 
@@ -116,6 +119,29 @@ def test_gradients_are_bitwise_deterministic(n, dtype):
         assert torch.equal(a, c), f"{name} differs between two runs"
 
 
+# The tiled kernel at sizes dispatch gives to the whole-window one too (padding, one tile, many tiles, wide heads).
+TILED_PROBLEMS = [
+    Problem(1, 16, "float16", True, True, "bwd"),
+    Problem(49, 32, "bfloat16", True, True, "bwd"),
+    Problem(100, 64, "float16", True, False, "bwd"),
+    Problem(144, 32, "bfloat16", True, True, "bwd"),
+    Problem(200, 16, "float16", False, True, "bwd"),
+    Problem(576, 32, "bfloat16", True, True, "bwd"),
+    Problem(1024, 128, "float16", True, False, "bwd"),
+]
+
+
+@pytest.mark.parametrize("problem", TILED_PROBLEMS, ids=lambda p: p.key())
+def test_tiled_variants_match_float64_autograd(problem):
+    arch = device_arch(torch.cuda.current_device())
+    bench = BackwardBench(ProblemClass(problem, 64), torch.cuda.current_device(), arch)
+    variants = [v for v in backward_candidates(problem, arch)[0] if v.kind == "bwd_tile" and v.min_blocks == 1]
+    assert len({(v.own_rows, v.tile_rows) for v in variants}) >= 2
+    for variant in variants:
+        verdict = bench.verify(variant)
+        assert verdict.problem is None, (variant.key(), verdict)
+
+
 def test_mask_requiring_grad_is_refused():
     q, k, v, b, m = make_inputs(4, 2, 16, 32, torch.float16, mask_windows=2)
     with pytest.raises(ValueError, match="mask"):
@@ -125,5 +151,5 @@ def test_mask_requiring_grad_is_refused():
 def test_small_backward_grid_for_sanitizer():
     """A few tiny backward launches; the device run executes this one under compute-sanitizer."""
     for dtype, n, d in (("float16", 49, 32), ("bfloat16", 9, 16), ("float16", 64, 64), ("bfloat16", 144, 32),
-                        ("float32", 49, 32), ("bfloat16", 200, 16)):
+                        ("float32", 49, 32), ("bfloat16", 200, 16), ("float16", 300, 32)):
         run_case(4, 2, n, d, DTYPES[dtype], bias=True, mask_windows=2, qkv_strided=True, token_major=True)

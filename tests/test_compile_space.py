@@ -28,7 +28,7 @@ from fwagen.problem import Problem
 from fwagen.render import render
 from fwagen.space import (backward_candidates, candidates, default_backward, default_variant, max_smem,
                           resource_violation, static_violation)
-from fwagen.variant import BackwardSimtVariant, ForwardVariant, SimtVariant, variant_from_dict
+from fwagen.variant import BackwardSimtVariant, BackwardTileVariant, ForwardVariant, SimtVariant, variant_from_dict
 
 ARCHS = ("sm_80", "sm_90")
 
@@ -54,7 +54,7 @@ PROBLEMS = [
     Problem(1024, 32, "float16", False, True),
     Problem(1024, 8, "float32", False, False),
 ]
-# Backward kernels (fp16/bf16): every legal variant of these compiles for sm_90, their defaults for sm_80 too.
+# Whole-window backward kernels (fp16/bf16): every legal one of these compiles for sm_90, the defaults for sm_80 too.
 # Windows up to 96 tokens use the whole-window layout, 100 and 144 the compact one.
 BACKWARD_PROBLEMS = [
     Problem(1, 16, "float16", True, True, "bwd"),
@@ -70,7 +70,7 @@ BACKWARD_PROBLEMS = [
 
 def backward_jobs():
     """(variant, arch) pairs of the backward kernels compiled here."""
-    pairs = [(v, "sm_90") for p in BACKWARD_PROBLEMS for v in backward_candidates(p, "sm_90")[0]]
+    pairs = [(v, "sm_90") for p in BACKWARD_PROBLEMS for v in backward_candidates(p, "sm_90")[0] if v.kind == "bwd_mma"]
     pairs += [(v, "sm_80") for v in (default_backward(p, "sm_80") for p in BACKWARD_PROBLEMS) if v is not None]
     return pairs
 
@@ -88,7 +88,7 @@ SPACE_PROBLEMS = [
     Problem(144, 128, "float32", False, True),
     Problem(576, 64, "float32", True, False),
 ]
-# ... and of the CUDA-core backward (float32, windows past 144 tokens, wide heads at N = 144).
+# ... and of the tiled tensor-core backward (16-bit) and the CUDA-core backward (float32).
 BACKWARD_SPACE_PROBLEMS = [
     Problem(9, 8, "float32", False, False, "bwd"),
     Problem(49, 32, "float32", True, True, "bwd"),
@@ -184,8 +184,9 @@ def test_sample_covers_every_pair_of_knob_values_and_every_problem_of_each_kind(
         legal = space_pool(arch)
         covered = set().union(*(features(v) for v in SAMPLE[arch]))
         assert covered == set().union(*(features(v) for v in legal))
-        assert {v.kind for v in SAMPLE[arch]} == {"mma", "simt", "bwd_simt"}
-        for kind, cls in (("mma", ForwardVariant), ("simt", SimtVariant), ("bwd_simt", BackwardSimtVariant)):
+        assert {v.kind for v in SAMPLE[arch]} == {"mma", "simt", "bwd_simt", "bwd_tile"}
+        for kind, cls in (("mma", ForwardVariant), ("simt", SimtVariant), ("bwd_simt", BackwardSimtVariant),
+                          ("bwd_tile", BackwardTileVariant)):
             knobs = [f.name for f in dataclasses.fields(cls) if f.name != "problem"]
             for knob in knobs:  # more than one value sampled wherever the space offers more than one
                 offered = {getattr(v, knob) for v in legal if v.kind == kind}
@@ -234,16 +235,18 @@ def test_backward_variant_compiles_within_resources(compile_jobs, variant, arch)
     assert resource_violation(variant, kernel.resources) is None, kernel.resources
 
 
-def test_backward_uses_tensor_cores_up_to_window_12_and_says_why_not_past_that():
+def test_backward_kinds_by_window_and_dtype_and_why_the_whole_window_kernel_stops_at_144():
     for n in (49, 64, 144):
         variant = default_backward(Problem(n, 32, "float16", True, True, "bwd"), "sm_90")
         assert variant.kind == "bwd_mma" and variant.compact_smem == (n > 96)
     legal, pruned = backward_candidates(Problem(256, 32, "float16", True, True, "bwd"), "sm_90")
-    assert legal and {v.kind for v in legal} == {"bwd_simt"}
+    assert legal and {v.kind for v in legal} == {"bwd_tile"}
     assert any("up to 144 tokens" in reason for key, reason in pruned.items() if "_bwd_mma_" in key)
     legal, pruned = backward_candidates(Problem(144, 64, "float16", True, True, "bwd"), "sm_90")
-    assert {v.kind for v in legal} == {"bwd_simt"}
+    assert {v.kind for v in legal} == {"bwd_tile"}
     assert all("shared memory" in reason for key, reason in pruned.items() if "_bwd_mma_" in key)
+    legal, _ = backward_candidates(Problem(576, 32, "float32", True, True, "bwd"), "sm_90")
+    assert {v.kind for v in legal} == {"bwd_simt"}  # float32 stays float32: no TF32 tensor cores
 
 
 # Tensor-core backward defaults that ptxas compiles with spills (bytes, sm_90); the CUDA-core defaults never spill
@@ -259,7 +262,7 @@ def test_every_forward_problem_has_a_backward_kernel(compile_jobs, problem, arch
     backward = dataclasses.replace(problem, direction="bwd")
     variant = default_backward(backward, arch)
     assert variant is not None and variant.problem == backward
-    assert variant.kind == "bwd_simt" or (problem.uses_tensor_cores and problem.n <= 144)  # fp32: never TF32
+    assert (variant.kind == "bwd_simt") == (not problem.uses_tensor_cores)  # float32: never TF32
     kernel = compiled(compile_jobs, variant, arch)
     known = KNOWN_BACKWARD_SPILLS_SM90.get(backward.key(), 0) if arch == "sm_90" else 0
     assert kernel.resources.spill_bytes == known, kernel.resources

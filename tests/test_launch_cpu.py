@@ -32,8 +32,9 @@ def test_forward_parameters_match_the_packed_buffer(problem):
     assert packed_codes(render(default_variant(problem))) == _FORWARD_ARGS.format.lstrip("@")
 
 
-@pytest.mark.parametrize("n", [49, 144], ids=["whole-window", "compact"])
-def test_backward_parameters_match_the_packed_buffer(n):
-    variant = default_backward(Problem(n, 32, "bfloat16", True, True, "bwd"))
-    assert variant.compact_smem == (n > 96)
+@pytest.mark.parametrize("n, dtype, kind", [(49, "bfloat16", "bwd_mma"), (144, "bfloat16", "bwd_mma"),
+                                             (576, "bfloat16", "bwd_tile"), (576, "float32", "bwd_simt")])
+def test_backward_parameters_match_the_packed_buffer(n, dtype, kind):
+    variant = default_backward(Problem(n, 32, dtype, True, True, "bwd"))
+    assert variant.kind == kind and getattr(variant, "compact_smem", n > 96) == (n > 96)
     assert packed_codes(render(variant)) == _BACKWARD_ARGS.format.lstrip("@")

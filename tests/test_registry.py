@@ -228,7 +228,7 @@ def test_a_broken_file_makes_dispatch_fall_back_and_warn_once(tuned):
     assert "falls back" in messages[0]
 
 
-def test_backward_dispatch_uses_tuned_entries_and_defaults_to_cuda_cores_past_the_tensor_core_kernel(tuned):
+def test_backward_dispatch_uses_tuned_entries_and_defaults_to_the_tiled_kernel_past_the_whole_window_one(tuned):
     bwd = Problem(49, 32, "float16", True, True, "bwd")
     other = next(v for v in (BackwardVariant(bwd, stages=s, min_blocks=b) for s in (1, 2) for b in (1, 2, 3, 4))
                  if v != default_backward(bwd) and static_violation(v) is None)
@@ -239,7 +239,7 @@ def test_backward_dispatch_uses_tuned_entries_and_defaults_to_cuda_cores_past_th
     assert dispatch.choose_backward(P49, 4096, "sm_90", "NVIDIA H200") .variant == other
     assert dispatch.choose_backward(P49, 4096, "sm_80", "NVIDIA A100").rule == "built-in default"
     large = dispatch.choose_backward(Problem(256, 32, "float16", True, True), 4096, "sm_90")
-    assert large.variant.kind == "bwd_simt" and large.rule == "built-in default"
+    assert large.variant.kind == "bwd_tile" and large.rule == "built-in default"
 
 
 def test_explain_names_the_rule_and_the_source_for_forward_and_backward(tuned):
