@@ -168,8 +168,8 @@ def _backward_simt_candidates(problem: Problem):
 def _backward_tensor_core_candidates(problem: Problem):
     for stages, min_blocks in itertools.product((1, 2), (1, 2, 3, 4)):
         yield BackwardVariant(problem, stages=stages, min_blocks=min_blocks)
-    for own, tile, min_blocks in itertools.product((32, 64, 128), (32, 64), (1, 2, 4)):
-        yield BackwardTileVariant(problem, own_rows=own, tile_rows=tile, min_blocks=min_blocks)
+    for own, tile, wpb, min_blocks in itertools.product((32, 64, 128), (32, 64), (1, 2, 4), (1, 2, 4)):
+        yield BackwardTileVariant(problem, own_rows=own, tile_rows=tile, windows_per_block=wpb, min_blocks=min_blocks)
 
 
 def backward_candidates(problem: Problem, arch: str = "sm_90") -> tuple[list[Variant], dict[str, str]]:
@@ -201,7 +201,8 @@ def default_backward(problem: Problem, arch: str = "sm_90") -> Variant | None:
         # (bench/sweep_backward.py); the next legal choices follow.
         return min(whole_window, key=lambda v: (v.stages, abs(v.min_blocks - 3)))
     tiled = [v for v in legal if isinstance(v, BackwardTileVariant)]
-    for variant in sorted(tiled, key=lambda v: (abs(v.own_rows - 64), -v.tile_rows, abs(v.min_blocks - 2))):
+    for variant in sorted(tiled, key=lambda v: (abs(v.own_rows - 64), -v.tile_rows, abs(v.windows_per_block - 2),
+                                                abs(v.min_blocks - 2))):
         resources = compile_variant(variant, arch).resources
         if resources.spill_bytes == 0 and resource_violation(variant, resources) is None:
             return variant

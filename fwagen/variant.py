@@ -237,9 +237,9 @@ class BackwardVariant:
         return (max(mask_windows, 1), heads, splits, n, n), (0, 2)
 
 
-# dbias partial sums of the CUDA-core backward stay under this many bytes: they are the one buffer of that kernel
-# that grows with the number of splits, and the peak memory of a training step should not.
-DBIAS_PARTIAL_BUDGET_BYTES = 64 * 2**20
+# dbias partial sums of the split backward kernels stay under this many bytes: they are the one buffer of those
+# kernels that grows with the number of splits, and the peak memory of a training step should not.
+DBIAS_PARTIAL_BUDGET_BYTES = 128 * 2**20
 
 
 @dataclass(frozen=True)
@@ -307,26 +307,25 @@ class BackwardSimtVariant:
         return ((splits, heads, n, n) if self.problem.has_bias else (0,)), (0,)
 
 
-# The tiled tensor-core backward's dbias partial sums are read and written once per window and score: kept under
-# this size they stay in L2 (50 MB on an H100, 60 MB on an H200).
-DBIAS_PARTIAL_L2_BYTES = 24 * 2**20
-
-
 @dataclass(frozen=True)
 class BackwardTileVariant:
     """Tensor-core backward (fp16/bf16) for windows of any size: the other side's rows come `tile_rows` at a time.
 
     One launch runs two kinds of block, neither needing the other's results:
-      * dQ blocks (the first heads x chunks x splits): `own_rows` query rows of one head (16 a warp) over the windows
-        of a split; per key tile they recompute P and dS, accumulate dQ = dS K, and add dS into the split's float32
-        dbias partial (global memory, L2-resident, each element owned by one lane);
-      * dK/dV blocks (one per window, head and chunk of `own_rows` keys) compute S^T and dP^T per query tile, so
-        that P^T and dS^T feed dV = P^T dO and dK = dS^T Q straight from registers.
+      * dQ blocks (the first heads x chunks x splits): `own_rows` query rows of one head (16 a warp) over the images
+        of a split, `windows_per_block` windows of one mask window at a time (a set of warps each, sharing the
+        (bias + mask) tiles); per key tile they recompute P and dS, accumulate dQ = dS K, and add the sets' dS,
+        summed in a fixed order, into the split's float32 dbias partial (global memory, each element owned by one
+        lane);
+      * dK/dV blocks (per `windows_per_block` windows of one mask window, head and chunk of `own_rows` keys) compute
+        S^T and dP^T per query tile, so that P^T and dS^T feed dV = P^T dO and dK = dS^T Q from registers.
+    Windows of one mask window share their (bias + mask) tile, read once per group instead of once per window.
     """
 
     problem: Problem
     own_rows: int = 64
     tile_rows: int = 64
+    windows_per_block: int = 1
     min_blocks: int = 1
 
     kind = "bwd_tile"
@@ -344,25 +343,30 @@ class BackwardTileVariant:
 
     @property
     def threads(self) -> int:
-        return 32 * (self.own_rows // 16)
+        return 32 * self.windows_per_block * (self.own_rows // 16)
 
     @property
     def smem_bytes(self) -> int:
-        tiles = 3 * (self.own_rows + self.tile_rows) * self.smem_row_elems * ELEMENT_BYTES[self.problem.dtype]
-        return tiles + self.own_rows * self.tile_rows * 4 + 2 * self.tile_rows * 4  # (bias + mask), lse and D
+        wpb, own, tile = self.windows_per_block, self.own_rows, self.tile_rows
+        tiles = wpb * 3 * (own + tile) * self.smem_row_elems * ELEMENT_BYTES[self.problem.dtype]
+        # (bias + mask) tile; then dS of the other windows (dQ blocks) or lse and D of the staged rows (dK/dV blocks)
+        return tiles + own * tile * 4 + max((wpb - 1) * own * tile * 4, 2 * wpb * tile * 4)
 
     def grid(self, windows: int, heads: int, mask_windows: int, resident_blocks: int) -> tuple[int, int]:
-        """(blocks, splits): dQ blocks first, then one dK/dV block per window, head and chunk. With a bias, enough
-        splits that a dQ block's windows are about the average block's share of the launch, within the L2 budget
-        of the partial sums; without, one window each."""
-        if windows == 0:
+        """(blocks, splits): dQ blocks first, then the dK/dV blocks. With a bias, the images are split so that there
+        are twice as many dQ blocks as the GPU holds (a dQ block walks its split's windows in sequence: fewer,
+        longer ones become the launch's tail), within the partial sums' memory budget; without, one image each."""
+        pair_windows = max(mask_windows, 1)
+        images = windows // pair_windows
+        if images == 0:
             return 0, 1
         owners = heads * self.chunks_per_item
-        splits = windows
+        splits = images
         if self.problem.has_bias:
-            by_l2 = DBIAS_PARTIAL_L2_BYTES // (heads * self.problem.n ** 2 * 4)
-            splits = max(1, min(windows, by_l2, -(-resident_blocks // (2 * owners))))
-        return owners * splits + windows * owners, splits
+            by_memory = DBIAS_PARTIAL_BUDGET_BYTES // (heads * self.problem.n ** 2 * 4)
+            splits = max(1, min(images, by_memory, -(-2 * resident_blocks // owners)))
+        groups = -(-images // self.windows_per_block)
+        return owners * splits + owners * pair_windows * groups, splits
 
     dbias_partials = BackwardSimtVariant.dbias_partials
 
