@@ -38,9 +38,20 @@ def is_measured(trial) -> bool:
 
 # --- the space and the plan -----------------------------------------------------------------------------------
 
+def settings(variant: Variant, mixed: bool) -> dict:
+    """The knob values a space indexes: with several kinds in one space (the backward's), the kind too."""
+    return {"kind": variant.kind, **variant.knobs()} if mixed else variant.knobs()
+
+
+def _value_order(value) -> tuple:
+    return (value is not None, str(value) if isinstance(value, str) else "", value if isinstance(value, int) else 0)
+
+
 @dataclass(frozen=True, eq=False)
 class Space:
-    """The legal variants of a class; a variant's params are the indices of its knob values."""
+    """The legal variants of a class; a variant's params are the indices of its knob values. Where the variants
+    are of several kinds (the backward: whole-window and tiled tensor-core kernels), `kind` is a knob too and a
+    knob that a kind lacks takes the value None."""
 
     pclass: ProblemClass
     variants: tuple[Variant, ...]
@@ -51,8 +62,10 @@ class Space:
         generate = backward_candidates if pclass.problem.direction == "bwd" else candidates
         legal, _ = generate(pclass.problem, arch)
         legal = [v for v in legal if covers is None or v.key() in covers]
-        names = list(legal[0].knobs()) if legal else []
-        return cls(pclass, tuple(legal), {n: tuple(sorted({v.knobs()[n] for v in legal})) for n in names})
+        mixed = len({v.kind for v in legal}) > 1
+        names = list(dict.fromkeys(name for v in legal for name in settings(v, mixed)))
+        return cls(pclass, tuple(legal), {n: tuple(sorted({settings(v, mixed).get(n) for v in legal}, key=_value_order))
+                                          for n in names})
 
     def __len__(self) -> int:
         return len(self.variants)
@@ -61,7 +74,8 @@ class Space:
         return {name: IntDistribution(0, len(values) - 1) for name, values in self.choices.items()}
 
     def params(self, variant: Variant) -> dict:
-        return {name: self.choices[name].index(value) for name, value in variant.knobs().items()}
+        values = settings(variant, "kind" in self.choices)
+        return {name: self.choices[name].index(values.get(name)) for name in self.choices}
 
     @cached_property
     def _by_params(self) -> dict:

@@ -500,3 +500,15 @@ def test_the_time_budget_is_shared_by_planned_measurements(tmp_path, monkeypatch
     # Time a class leaves unused rolls over (these ones return at once): the next gets its share of all of it.
     assert deadlines[S3.key()] == pytest.approx(100.0 * 48 / (48 + 48), rel=0.02)
     assert deadlines[S1.key()] == pytest.approx(100.0, rel=0.02)
+
+
+def test_a_backward_space_mixes_kernel_kinds_and_every_variant_round_trips():
+    """Whole-window and tiled backward variants share one search space: `kind` becomes a knob, and a knob that a
+    kind lacks takes the value None (a real GPU tune of N = 49 failed with KeyError 'stages' before)."""
+    space = Space.build(ProblemClass(Problem(49, 32, "float16", True, True, "bwd"), 1024), "sm_90")
+    assert {v.kind for v in space.variants} == {"bwd_mma", "bwd_tile"}
+    assert space.choices["kind"] == ("bwd_mma", "bwd_tile") and None in space.choices["stages"]
+    assert all(space.variant(space.params(v)) == v for v in space.variants)
+    assert len({frozenset(space.params(v).items()) for v in space.variants}) == len(space)
+    forward = Space.build(ProblemClass(Problem(49, 32, "float16", True, True), 1024), "sm_90")
+    assert "kind" not in forward.choices  # one kind: the forward's params are as before
