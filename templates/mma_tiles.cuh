@@ -1,0 +1,66 @@
+// Warp-level tile products on tensor cores (mma.sync m16n8k16, fp32 accumulation) shared by the backward
+// templates. Plain CUDA: every size is a template argument. Tiles in shared memory are [row][DP] with row pitch
+// PITCH elements; accumulators are in the mma's C layout (lane: rows lane / 4 and lane / 4 + 8, columns
+// 2 * (lane % 4) and the next one of each 8-column group).
+#pragma once
+#include "common.cuh"
+
+namespace fwagen {
+
+// s (16 x COLS) = 16 rows of a [row][DP] tile * the COLS rows of another, transposed.
+template <typename T, int DP, int PITCH, int COLS>
+__device__ __forceinline__ void rows_times_cols(float (&s)[COLS / 8][4], const T* rows, const T* cols, int lane) {
+#pragma unroll
+  for (int j = 0; j < COLS / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < DP / 16; ++kk) {
+    unsigned a[4];
+    ldmatrix_x4(a, rows + (lane % 16) * PITCH + kk * 16 + (lane / 16) * 8);
+#pragma unroll
+    for (int jj = 0; jj < COLS / 16; ++jj) {
+      unsigned b[4];
+      ldmatrix_x4(b, cols + (jj * 16 + (lane / 16) * 8 + lane % 8) * PITCH + kk * 16 + ((lane / 8) % 2) * 8);
+      mma16816<T>(s[2 * jj], a, b[0], b[1]);
+      mma16816<T>(s[2 * jj + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// acc (16 x DP) += A (16 x K, accumulator layout, packed to T here) * the K rows of a [row][DP] tile.
+template <typename T, int DP, int PITCH, int K>
+__device__ __forceinline__ void accumulate_times_tile(float (&acc)[DP / 8][4], const float (&a)[K / 8][4],
+                                                      const T* tile, int lane) {
+#pragma unroll
+  for (int jj = 0; jj < K / 16; ++jj) {
+    unsigned pa[4] = {pack2<T>(a[2 * jj][0], a[2 * jj][1]), pack2<T>(a[2 * jj][2], a[2 * jj][3]),
+                      pack2<T>(a[2 * jj + 1][0], a[2 * jj + 1][1]), pack2<T>(a[2 * jj + 1][2], a[2 * jj + 1][3])};
+#pragma unroll
+    for (int dd = 0; dd < DP / 16; ++dd) {
+      unsigned b[4];
+      ldmatrix_x4_trans(b, tile + (jj * 16 + ((lane / 8) % 2) * 8 + lane % 8) * PITCH + dd * 16 + (lane / 16) * 8);
+      mma16816<T>(acc[2 * dd], pa, b[0], b[1]);
+      mma16816<T>(acc[2 * dd + 1], pa, b[2], b[3]);
+    }
+  }
+}
+
+// Write a 16 x DP accumulator (rows row0.., times scale) through a row stride; rows >= N and columns >= D skipped.
+template <typename T, int N, int D, int DP>
+__device__ __forceinline__ void store_rows(const float (&acc)[DP / 8][4], T* dst, int row_stride, int row0,
+                                           float scale, int lane) {
+  const int g = lane / 4, c2 = (lane % 4) * 2;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row0 + g + 8 * r;
+    if (row >= N) continue;
+#pragma unroll
+    for (int j = 0; j < DP / 8; ++j) {
+      const int col = j * 8 + c2;
+      if (col < D)
+        *reinterpret_cast<unsigned*>(dst + row * row_stride + col) =
+            pack2<T>(acc[j][2 * r] * scale, acc[j][2 * r + 1] * scale);
+    }
+  }
+}
+
+}  // namespace fwagen
