@@ -27,6 +27,15 @@ def max_smem(arch: str) -> int:
     return MAX_SMEM_PER_BLOCK.get(arch, DEFAULT_MAX_SMEM)
 
 
+def _min_blocks_violation(variant: Variant, arch: str) -> str | None:
+    """Whether `min_blocks` blocks of the variant fit one SM's registers (at 32 a thread) and shared memory."""
+    if variant.min_blocks * variant.threads * 32 > REGISTERS_PER_SM:
+        return f"{variant.min_blocks} blocks of {variant.threads} threads leave under 32 registers a thread"
+    if variant.min_blocks * variant.smem_bytes > max_smem(arch):
+        return f"{variant.min_blocks} blocks of {variant.smem_bytes} B shared memory do not fit one SM"
+    return None
+
+
 def static_violation(variant: Variant, arch: str = "sm_90") -> str | None:
     """None if the variant may be compiled, else the reason it may not."""
     if isinstance(variant, BackwardVariant) and variant.n_pad > MAX_BACKWARD_WINDOW:
@@ -41,26 +50,18 @@ def static_violation(variant: Variant, arch: str = "sm_90") -> str | None:
             return "P, dS and dbias accumulators exceed the register budget"
         if variant.compact_smem and variant.n_pad + variant.head_dim_pad // 2 > MAX_BACKWARD_ROW_REGISTERS:
             return "a warp's P and dS rows and dQ accumulator exceed the register budget"
-        if variant.min_blocks * variant.threads * 32 > REGISTERS_PER_SM:
-            return f"{variant.min_blocks} blocks of {variant.threads} threads leave under 32 registers a thread"
-        if variant.min_blocks * variant.smem_bytes > max_smem(arch):
-            return f"{variant.min_blocks} blocks of {variant.smem_bytes} B shared memory do not fit one SM"
-        return None
+        return _min_blocks_violation(variant, arch)
     if isinstance(variant, BackwardTileVariant):
         if max(variant.own_rows, variant.tile_rows) > pad_to(variant.n_pad, 32):
             return "own_rows or tile_rows larger than the window"
         if variant.tile_rows + variant.head_dim_pad > MAX_ACCUMULATOR_COLUMNS:
             return "score and gradient accumulators exceed the register budget"
-        if variant.min_blocks * variant.threads * 32 > REGISTERS_PER_SM:
-            return f"{variant.min_blocks} blocks of {variant.threads} threads leave under 32 registers a thread"
-        if variant.min_blocks * variant.smem_bytes > max_smem(arch):
-            return f"{variant.min_blocks} blocks of {variant.smem_bytes} B shared memory do not fit one SM"
-        return None
+        return _min_blocks_violation(variant, arch)
     if isinstance(variant, BackwardSimtVariant):
         if variant.cols_per_thread > 32:
             return "more than 32 head-dim columns per thread"
-        if variant.row_chunk > max(pad_to(variant.problem.n, 16), 32 // variant.threads_per_row):
-            return "row_chunk larger than the window (beyond the one warp a block needs)"
+        if variant.own_rows > max(pad_to(variant.problem.n, 16), 32 // variant.threads_per_row):
+            return "own_rows larger than the window (beyond the one warp a block needs)"
         return None
     if isinstance(variant, SimtVariant):
         if variant.problem.head_dim % variant.threads_per_row:
@@ -68,10 +69,9 @@ def static_violation(variant: Variant, arch: str = "sm_90") -> str | None:
         if variant.cols_per_thread > 32:
             return "more than 32 head-dim columns per thread"
         return None
-    if variant.min_blocks * variant.threads * 32 > REGISTERS_PER_SM:
-        return f"{variant.min_blocks} blocks of {variant.threads} threads leave under 32 registers a thread"
-    if variant.min_blocks * variant.smem_bytes > max_smem(arch):
-        return f"{variant.min_blocks} blocks of {variant.smem_bytes} B shared memory do not fit one SM"
+    reason = _min_blocks_violation(variant, arch)
+    if reason is not None:
+        return reason
     if variant.query_chunk % variant.rows_per_warp:
         return "query_chunk not a multiple of rows_per_warp"
     if variant.query_chunk > pad_to(variant.n_pad, variant.rows_per_warp):
@@ -162,7 +162,7 @@ def default_variant(problem: Problem, arch: str = "sm_90") -> Variant:
 
 def _backward_simt_candidates(problem: Problem):
     for chunk, tpr, tile in itertools.product((16, 32, 64, 128), (1, 2, 4, 8), (16, 32, 64)):
-        yield BackwardSimtVariant(problem, row_chunk=chunk, threads_per_row=tpr, tile_rows=tile)
+        yield BackwardSimtVariant(problem, own_rows=chunk, threads_per_row=tpr, tile_rows=tile)
 
 
 def _backward_tensor_core_candidates(problem: Problem):
@@ -185,7 +185,7 @@ def backward_candidates(problem: Problem, arch: str = "sm_90") -> tuple[list[Var
     return legal, {**pruned, **simt_pruned}
 
 
-# CUDA-core backward defaults, most preferred first, as (row_chunk, tile_rows); threads_per_row keeps 16 head-dim
+# CUDA-core backward defaults, most preferred first, as (own_rows, tile_rows); threads_per_row keeps 16 head-dim
 # columns a thread (four such arrays live in registers in the dK/dV blocks). Chosen unmeasured: a starting point
 # the tuner replaces; the smaller ones fit architectures with less shared memory.
 _SIMT_BACKWARD_PREFERENCE = ((64, 32), (32, 32), (32, 16), (16, 16))
@@ -215,8 +215,8 @@ def default_backward(problem: Problem, arch: str = "sm_90") -> Variant | None:
         if resources.spill_bytes == 0 and resource_violation(variant, resources) is None:
             return variant
     tpr = max(1, problem.head_dim // 16)
-    preferred = [BackwardSimtVariant(problem, row_chunk=chunk, threads_per_row=tpr, tile_rows=tile)
-                 for chunk, tile in _SIMT_BACKWARD_PREFERENCE]
+    preferred = [BackwardSimtVariant(problem, own_rows=own, threads_per_row=tpr, tile_rows=tile)
+                 for own, tile in _SIMT_BACKWARD_PREFERENCE]
     for variant in [v for v in preferred if v in legal] + [v for v in legal if v not in preferred]:
         resources = compile_variant(variant, arch).resources
         if resources.spill_bytes == 0 and resource_violation(variant, resources) is None:

@@ -242,26 +242,10 @@ class BackwardVariant:
 DBIAS_PARTIAL_BUDGET_BYTES = 128 * 2**20
 
 
-@dataclass(frozen=True)
-class BackwardSimtVariant:
-    """CUDA-core backward for any dtype, window size and head dim, float32 arithmetic (no TF32).
-
-    One launch runs two kinds of block, neither needing the other's results:
-      * dQ blocks (the first heads x chunks x splits): a block owns `row_chunk` query rows of one head and walks
-        the windows of its split; per window it recomputes P and dS against every key, forms dQ, and adds dS
-        into its rows of its split's float32 dbias partial sum (in global memory, owned by this block alone);
-      * dK/dV blocks (one per window, head and chunk of `row_chunk` keys) recompute P and dS against every query
-        row and form dK and dV.
-    `threads_per_row` threads share a row (head_dim / threads_per_row columns each); the other side's rows are
-    staged through shared memory `tile_rows` at a time.
-    """
-
-    problem: Problem
-    row_chunk: int = 64
-    threads_per_row: int = 2
-    tile_rows: int = 32
-
-    kind = "bwd_simt"
+class _SplitBackward:
+    """What the split backward kernels share: one launch of dQ blocks (each walking the windows of a split and
+    summing its part of dbias into a float32 partial sum of its own) and then dK/dV blocks; a block owns
+    `own_rows` rows of a window (queries or keys) and stages the other side's rows `tile_rows` at a time."""
 
     knobs = ForwardVariant.knobs
     key = ForwardVariant.key
@@ -270,7 +254,34 @@ class BackwardSimtVariant:
 
     @property
     def chunks_per_item(self) -> int:
-        return -(-self.problem.n // self.row_chunk)
+        return -(-self.problem.n // self.own_rows)
+
+    def dbias_partials(self, heads: int, mask_windows: int, splits: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(shape of the float32 partial sums, one per split, and the dims summed to give dbias)."""
+        n = self.problem.n
+        return ((splits, heads, n, n) if self.problem.has_bias else (0,)), (0,)
+
+
+@dataclass(frozen=True)
+class BackwardSimtVariant(_SplitBackward):
+    """CUDA-core backward for any dtype, window size and head dim, float32 arithmetic (no TF32).
+
+    One launch runs two kinds of block, neither needing the other's results:
+      * dQ blocks (the first heads x chunks x splits): a block owns `own_rows` query rows of one head and walks
+        the windows of its split; per window it recomputes P and dS against every key, forms dQ, and adds dS
+        into its rows of its split's float32 dbias partial sum (in global memory, owned by this block alone);
+      * dK/dV blocks (one per window, head and chunk of `own_rows` keys) recompute P and dS against every query
+        row and form dK and dV.
+    `threads_per_row` threads share a row (head_dim / threads_per_row columns each); the other side's rows are
+    staged through shared memory `tile_rows` at a time.
+    """
+
+    problem: Problem
+    own_rows: int = 64
+    threads_per_row: int = 2
+    tile_rows: int = 32
+
+    kind = "bwd_simt"
 
     @property
     def cols_per_thread(self) -> int:
@@ -278,13 +289,13 @@ class BackwardSimtVariant:
 
     @property
     def threads(self) -> int:
-        return self.row_chunk * self.threads_per_row
+        return self.own_rows * self.threads_per_row
 
     @property
     def smem_bytes(self) -> int:
         problem = self.problem
         staged = 2 * self.tile_rows * problem.head_dim * 4  # K and V (dQ blocks) or Q and dO (dK/dV blocks)
-        tile = self.row_chunk * (self.tile_rows + 1) * 4  # one [row_chunk][tile_rows] float tile, padded
+        tile = self.own_rows * (self.tile_rows + 1) * 4  # one [own_rows][tile_rows] float tile, padded
         dq_extra = tile * ((problem.has_bias or problem.has_mask) + problem.has_bias)  # (bias + mask), and dS
         return staged + max(dq_extra, 2 * self.tile_rows * 4)  # (dK/dV blocks: the staged rows' lse and D)
 
@@ -301,14 +312,10 @@ class BackwardSimtVariant:
             splits = max(1, min(windows, by_memory, -(-4 * resident_blocks // owners)))
         return owners * splits + windows * owners, splits
 
-    def dbias_partials(self, heads: int, mask_windows: int, splits: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """(shape of the float32 partial sums, dims summed to give dbias)."""
-        n = self.problem.n
-        return ((splits, heads, n, n) if self.problem.has_bias else (0,)), (0,)
 
 
 @dataclass(frozen=True)
-class BackwardTileVariant:
+class BackwardTileVariant(_SplitBackward):
     """Tensor-core backward (fp16/bf16) for windows of any size: the other side's rows come `tile_rows` at a time.
 
     One launch runs two kinds of block, neither needing the other's results:
@@ -330,16 +337,8 @@ class BackwardTileVariant:
 
     kind = "bwd_tile"
 
-    knobs = ForwardVariant.knobs
-    key = ForwardVariant.key
-    to_dict = ForwardVariant.to_dict
-    n_pad = ForwardVariant.n_pad
     head_dim_pad = ForwardVariant.head_dim_pad
     smem_row_elems = ForwardVariant.smem_row_elems
-
-    @property
-    def chunks_per_item(self) -> int:
-        return -(-self.problem.n // self.own_rows)
 
     @property
     def threads(self) -> int:
@@ -368,8 +367,6 @@ class BackwardTileVariant:
         groups = -(-images // self.windows_per_block)
         return owners * splits + owners * pair_windows * groups, splits
 
-    dbias_partials = BackwardSimtVariant.dbias_partials
-
 
 Variant = ForwardVariant | SimtVariant | BackwardVariant | BackwardSimtVariant | BackwardTileVariant
 BACKWARD_KINDS = ("bwd_mma", "bwd_simt", "bwd_tile")
@@ -382,7 +379,6 @@ _ABBREV = {
     "stages": "s",
     "min_blocks": "b",
     "threads_per_row": "t",
-    "row_chunk": "c",
     "tile_rows": "n",
     "own_rows": "o",
 }
