@@ -223,3 +223,9 @@ def test_timing_summary_uses_order_statistics():
     assert t.spread == pytest.approx(1.0)
     t = Timing.from_samples([1.0, 2.0])
     assert (t.median_ms, t.p20_ms, t.p80_ms) == (1.5, 1.2, 1.8)
+
+
+def test_every_bench_dtype_has_its_tolerances():
+    from fwagen.bench import BENCH_DTYPES, DEFAULT_DTYPES, TOLERANCE, TRAIN_TOLERANCE
+
+    assert set(DEFAULT_DTYPES) < set(BENCH_DTYPES) == set(TOLERANCE) == set(TRAIN_TOLERANCE)
