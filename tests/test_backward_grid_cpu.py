@@ -1,0 +1,63 @@
+"""Launch grids of the split backward kernels (dQ blocks over splits of the windows, then dK/dV blocks).
+
+The kernels rely on these invariants: every split has at least one window (its first window writes the split's
+dbias partial instead of adding to it, so an empty split would leave the partial unwritten), the partial sums stay
+within their memory budget, and the block count is what the kernel's index arithmetic expects.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from fwagen.problem import Problem
+from fwagen.variant import DBIAS_PARTIAL_BUDGET_BYTES, BackwardSimtVariant, BackwardTileVariant
+
+# (windows, heads, mask windows): the bench's Swin shapes and small odd ones.
+CALLS = [(8192, 3, 64), (2048, 4, 64), (1024, 4, 64), (256, 8, 16), (128, 24, 0), (5, 2, 0), (12, 2, 4), (3, 7, 1)]
+RESIDENT = (1, 132, 264, 1056)
+
+
+def tile_variants(n, has_bias):
+    problem = Problem(n, 32, "bfloat16", has_bias, True, "bwd")
+    return [BackwardTileVariant(problem, own_rows=own, tile_rows=32, windows_per_block=wpb)
+            for own, wpb in itertools.product((32, 64), (1, 2, 4))]
+
+
+@pytest.mark.parametrize("n", [49, 144, 256, 576, 1024])
+def test_tiled_grid_gives_every_split_a_window_and_bounds_the_partial_sums(n):
+    for variant, (windows, heads, mask_windows), resident in itertools.product(tile_variants(n, True), CALLS, RESIDENT):
+        blocks, splits = variant.grid(windows, heads, mask_windows, resident)
+        images = windows // max(mask_windows, 1)
+        owners = heads * variant.chunks_per_item
+        assert 1 <= splits <= images
+        assert splits == 1 or splits * heads * n * n * 4 <= DBIAS_PARTIAL_BUDGET_BYTES
+        groups = -(-images // variant.windows_per_block)
+        assert blocks == owners * splits + owners * max(mask_windows, 1) * groups
+        # As many dQ blocks as twice the resident blocks, unless the images or the memory budget run out first.
+        by_memory = max(1, DBIAS_PARTIAL_BUDGET_BYTES // (heads * n * n * 4))
+        assert owners * splits >= min(2 * resident, owners * images, owners * by_memory)
+        shape, dims = variant.dbias_partials(heads, mask_windows, splits)
+        assert shape == (splits, heads, n, n) and dims == (0,)
+
+
+def test_tiled_grid_without_bias_gives_each_image_its_own_dq_blocks_and_no_partials():
+    for variant, (windows, heads, mask_windows) in itertools.product(tile_variants(576, False), CALLS):
+        blocks, splits = variant.grid(windows, heads, mask_windows, 264)
+        assert splits == windows // max(mask_windows, 1)
+        assert variant.dbias_partials(heads, mask_windows, splits)[0] == (0,)
+
+
+def test_cuda_core_grid_gives_every_split_a_window_and_bounds_the_partial_sums():
+    for n, (windows, heads, mask_windows), resident in itertools.product((49, 576, 1024), CALLS, RESIDENT):
+        variant = BackwardSimtVariant(Problem(n, 32, "float32", True, mask_windows > 0, "bwd"))
+        blocks, splits = variant.grid(windows, heads, mask_windows, resident)
+        assert 1 <= splits <= windows
+        assert splits == 1 or splits * heads * n * n * 4 <= DBIAS_PARTIAL_BUDGET_BYTES
+        owners = heads * variant.chunks_per_item
+        assert blocks == owners * splits + windows * owners
+
+
+def test_no_windows_launch_nothing():
+    assert tile_variants(49, True)[0].grid(0, 3, 0, 132)[0] == 0
+    assert BackwardSimtVariant(Problem(49, 32, "float32", True, False, "bwd")).grid(0, 3, 0, 132)[0] == 0
