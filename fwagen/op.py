@@ -3,8 +3,8 @@
 The op runs a compiled kernel for CUDA tensors in float16, bfloat16 or float32 whose shape a kernel
 covers; anything else (CPU tensors, float64, N > 1024, odd head dims) runs the reference with a one-time
 warning that says why. The backward runs a kernel wherever the forward does (see `space.default_backward`:
-tensor cores for float16/bfloat16 windows of up to 144 tokens, CUDA cores for the rest) and differentiates the
-reference elsewhere.
+tensor cores for float16/bfloat16, whole-window up to 144 tokens and tiled past that; CUDA cores for float32)
+and differentiates the reference elsewhere.
 """
 from __future__ import annotations
 

@@ -44,7 +44,8 @@ def settings(variant: Variant, mixed: bool) -> dict:
 
 
 def _value_order(value) -> tuple:
-    return (value is not None, str(value) if isinstance(value, str) else "", value if isinstance(value, int) else 0)
+    """None (a knob the variant's kind lacks) first, then the values in their natural order."""
+    return (value is not None, value if value is not None else 0)
 
 
 @dataclass(frozen=True, eq=False)

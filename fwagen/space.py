@@ -40,7 +40,7 @@ def static_violation(variant: Variant, arch: str = "sm_90") -> str | None:
     """None if the variant may be compiled, else the reason it may not."""
     if isinstance(variant, BackwardVariant) and variant.n_pad > MAX_BACKWARD_WINDOW:
         return (f"tensor-core backward kernels cover windows of up to {MAX_BACKWARD_WINDOW} tokens "
-                "(the CUDA-core backward runs past that)")
+                "(the tiled kernel runs past that)")
     if variant.smem_bytes > max_smem(arch):
         return f"shared memory {variant.smem_bytes} B > {max_smem(arch)} B on {arch}"
     if variant.threads > MAX_THREADS or variant.threads % 32:
@@ -208,17 +208,21 @@ def default_backward(problem: Problem, arch: str = "sm_90") -> Variant | None:
         # (bench/sweep_backward.py); the next legal choices follow.
         return min(whole_window, key=lambda v: (v.stages, abs(v.min_blocks - 3)))
     tiled = [v for v in legal if isinstance(v, BackwardTileVariant)]
-    preferred = [BackwardTileVariant(problem, own_rows=own, tile_rows=tile, windows_per_block=wpb, min_blocks=blocks)
-                 for own, tile, wpb, blocks in _TILE_BACKWARD_PREFERENCE]
-    for variant in [v for v in preferred if v in tiled] + [v for v in tiled if v not in preferred]:
-        resources = compile_variant(variant, arch).resources
-        if resources.spill_bytes == 0 and resource_violation(variant, resources) is None:
-            return variant
+    cuda_core = [v for v in legal if isinstance(v, BackwardSimtVariant)]
     tpr = max(1, problem.head_dim // 16)
-    preferred = [BackwardSimtVariant(problem, own_rows=own, threads_per_row=tpr, tile_rows=tile)
-                 for own, tile in _SIMT_BACKWARD_PREFERENCE]
+    return (_first_compiling_cleanly([BackwardTileVariant(problem, own_rows=own, tile_rows=tile, windows_per_block=wpb,
+                                                          min_blocks=blocks)
+                                      for own, tile, wpb, blocks in _TILE_BACKWARD_PREFERENCE], tiled, arch)
+            or _first_compiling_cleanly([BackwardSimtVariant(problem, own_rows=own, threads_per_row=tpr, tile_rows=tile)
+                                         for own, tile in _SIMT_BACKWARD_PREFERENCE], cuda_core, arch))
+
+
+def _first_compiling_cleanly(preferred: list[Variant], legal: list[Variant], arch: str) -> Variant | None:
+    """The first of `preferred` that is legal, else of the rest of `legal`, that compiles on `arch` without spills
+    and within one SM's registers."""
     for variant in [v for v in preferred if v in legal] + [v for v in legal if v not in preferred]:
         resources = compile_variant(variant, arch).resources
         if resources.spill_bytes == 0 and resource_violation(variant, resources) is None:
             return variant
+    return None
     return None
