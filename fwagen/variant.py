@@ -313,7 +313,6 @@ class BackwardSimtVariant(_SplitBackward):
         return owners * splits + windows * owners, splits
 
 
-
 @dataclass(frozen=True)
 class BackwardTileVariant(_SplitBackward):
     """Tensor-core backward (fp16/bf16) for windows of any size: the other side's rows come `tile_rows` at a time.
