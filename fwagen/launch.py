@@ -78,7 +78,8 @@ def kernel_ready(*tensors: torch.Tensor) -> bool:
 # tens that building one numpy scalar per argument took.
 _TENSOR = "Pqqi"  # pointer, window and head strides (64-bit), token stride (32-bit)
 _FORWARD_ARGS = struct.Struct("@" + "PPPqqiqqiqqi" + _TENSOR + "PPP" + "iiifi")
-_BACKWARD_ARGS = struct.Struct("@" + "PPPqqiqqiqqi" + "PPqqi" + "PPP" + "PPPqqi" + "P" + "iiifi")
+_BACKWARD_ARGS = struct.Struct("@" + "PPPqqiqqiqqi" + "PPqqi" + "PPPP" + "PPPqqi" + "P" + "iiifi")
+_ROW_DELTA_ARGS = struct.Struct("@" + "PPqqi" + "P" + "ii")
 _LAUNCH_END, _LAUNCH_BUFFER, _LAUNCH_SIZE = 0, 1, 2  # CU_LAUNCH_PARAM_END, _BUFFER_POINTER, _BUFFER_SIZE
 
 
@@ -155,9 +156,17 @@ def launch_backward(variant: Variant, q, k, v, out, dout, lse, bias, mask, scale
     partial_shape, summed_dims = variant.dbias_partials(heads, mask_windows, splits)
     allocate = torch.empty if blocks else torch.zeros  # no windows: nothing runs, and dbias is zero
     partial = allocate(partial_shape, dtype=torch.float32, device=device)
+    delta = None
+    if variant.prepass is not None and blocks:
+        delta = torch.empty(windows, heads, n, dtype=torch.float32, device=device)
+        prepass, prepass_blocks, _ = _plan(variant.prepass, device.index, windows, heads, mask_windows)
+        _launch(prepass, variant.prepass, prepass_blocks,
+                _ROW_DELTA_ARGS.pack(out.data_ptr(), dout.data_ptr(), *_strides(out), delta.data_ptr(), windows, heads),
+                device)
     packed = _BACKWARD_ARGS.pack(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), *_strides(q), *_strides(k), *_strides(v),
-        out.data_ptr(), dout.data_ptr(), *_strides(out), lse.data_ptr(), _pointer(bias), _pointer(mask),
+        out.data_ptr(), dout.data_ptr(), *_strides(out), lse.data_ptr(), _pointer(delta), _pointer(bias),
+        _pointer(mask),
         dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), *_strides(dq), partial.data_ptr(),
         windows, heads, mask_windows, scale, splits,
     )

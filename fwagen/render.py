@@ -14,7 +14,7 @@ from .variant import CUDA_TYPE, ForwardVariant, SimtVariant, Variant
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 TEMPLATE_FOR_KIND = {"mma": "fwd_mma.cu.j2", "simt": "fwd_simt.cu.j2", "bwd_mma": "bwd_mma.cu.j2",
-                     "bwd_simt": "bwd_simt.cu.j2", "bwd_tile": "bwd_tile.cu.j2"}
+                     "bwd_simt": "bwd_simt.cu.j2", "bwd_tile": "bwd_tile.cu.j2", "bwd_delta": "bwd_delta.cu.j2"}
 
 _DERIVED = {
     "mma": ("head_dim_pad", "chunks_per_item", "m_tiles_per_warp", "warps_per_item", "key_tiles",
@@ -22,7 +22,8 @@ _DERIVED = {
     "simt": ("chunks_per_item", "cols_per_thread", "threads"),
     "bwd_mma": ("n_pad", "head_dim_pad", "threads", "smem_row_elems", "compact_smem"),
     "bwd_simt": ("chunks_per_item", "cols_per_thread", "threads"),
-    "bwd_tile": ("chunks_per_item", "head_dim_pad", "threads", "smem_row_elems"),
+    "bwd_tile": ("chunks_per_item", "head_dim_pad", "threads", "smem_row_elems", "smem_bytes"),
+    "bwd_delta": ("threads",),
 }
 
 

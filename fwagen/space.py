@@ -191,11 +191,9 @@ def backward_candidates(problem: Problem, arch: str = "sm_90") -> tuple[list[Var
 _SIMT_BACKWARD_PREFERENCE = ((64, 32), (32, 32), (32, 16), (16, 16))
 
 
-# Tiled tensor-core backward defaults, most preferred first, as (own_rows, tile_rows, windows_per_block, min_blocks):
-# small tiles with registers capped at 128 a thread (more blocks a SM hide the tile loads) were fastest in sweeps of
-# every legal variant on an H100 (bench/sweep_backward.py, bf16 with mask: 3.68 ms at window 16 against 3.69-4.9 for
-# the others; at window 24 the first choice here took 7.19 ms, the sweep's best 5.91, o32_n32_w4_b2).
-_TILE_BACKWARD_PREFERENCE = ((32, 32, 2, 4), (32, 32, 4, 2), (64, 32, 2, 2), (64, 32, 1, 4), (32, 32, 1, 4))
+# Tiled tensor-core backward defaults, most preferred first, as (own_rows, tile_rows, windows_per_block, min_blocks).
+# Provisional until swept on a GPU (bench/sweep_backward.py).
+_TILE_BACKWARD_PREFERENCE = ((32, 32, 2, 3), (32, 32, 1, 4), (64, 32, 1, 2), (32, 32, 4, 1), (32, 32, 1, 1))
 
 
 def default_backward(problem: Problem, arch: str = "sm_90") -> Variant | None:
@@ -224,5 +222,4 @@ def _first_compiling_cleanly(preferred: list[Variant], legal: list[Variant], arc
         resources = compile_variant(variant, arch).resources
         if resources.spill_bytes == 0 and resource_violation(variant, resources) is None:
             return variant
-    return None
     return None

@@ -195,6 +195,7 @@ class BackwardVariant:
     min_blocks: int = 1
 
     kind = "bwd_mma"
+    prepass = None  # computes D = rowsum(dO * O) itself
 
     knobs = ForwardVariant.knobs
     key = ForwardVariant.key
@@ -240,6 +241,9 @@ class BackwardVariant:
 # dbias partial sums of the split backward kernels stay under this many bytes: they are the one buffer of those
 # kernels that grows with the number of splits, and the peak memory of a training step should not.
 DBIAS_PARTIAL_BUDGET_BYTES = 128 * 2**20
+# The tiled kernel's dQ blocks read and write their part of the partial sums at every step: kept to half of an
+# H100's 50 MB L2 (less on smaller cards only costs L2 misses), those reads stay out of DRAM.
+TILE_DBIAS_PARTIAL_BYTES = 24 * 2**20
 
 
 class _SplitBackward:
@@ -282,6 +286,7 @@ class BackwardSimtVariant(_SplitBackward):
     tile_rows: int = 32
 
     kind = "bwd_simt"
+    prepass = None  # computes D = rowsum(dO * O) itself
 
     @property
     def cols_per_thread(self) -> int:
@@ -344,16 +349,30 @@ class BackwardTileVariant(_SplitBackward):
         return 32 * self.windows_per_block * (self.own_rows // 16)
 
     @property
+    def prepass(self) -> RowDeltaVariant:
+        """The kernel run first: D = rowsum(dO * O), which both kinds of block read instead of staging O."""
+        problem = self.problem
+        return RowDeltaVariant(Problem(problem.n, problem.head_dim, problem.dtype, False, False, "bwd"))
+
+    @property
     def smem_bytes(self) -> int:
-        wpb, own, tile = self.windows_per_block, self.own_rows, self.tile_rows
-        tiles = wpb * 3 * (own + tile) * self.smem_row_elems * ELEMENT_BYTES[self.problem.dtype]
-        # (bias + mask) tile; then dS of the other windows (dQ blocks) or lse and D of the staged rows (dK/dV blocks)
-        return tiles + own * tile * 4 + max((wpb - 1) * own * tile * 4, 2 * wpb * tile * 4)
+        """The larger of the two kinds of block's layouts (bwd_tile.cu.j2 asserts it covers both): own tiles (dQ
+        blocks: two stages, one a window group), two stages of other-side tiles, of bias and mask tiles (float) and
+        of log-sum-exp and D rows, and the dQ blocks' dS slices for dbias."""
+        wpb, own, tile, problem = self.windows_per_block, self.own_rows, self.tile_rows, self.problem
+        tile_bytes = self.smem_row_elems * ELEMENT_BYTES[problem.dtype]  # one staged row
+        adds = problem.has_bias + problem.has_mask
+        other = 2 * wpb * 2 * tile * tile_bytes
+        dq = (2 * wpb * 2 * own * tile_bytes + other + 2 * adds * own * (tile + 8) * 4 + 2 * wpb * 2 * own * 4
+              + (wpb * own * tile * 4 if problem.has_bias else 0))
+        dkdv = wpb * 2 * own * tile_bytes + other + 2 * adds * tile * (own + 4) * 4 + 2 * wpb * 2 * tile * 4
+        return max(dq, dkdv)
 
     def grid(self, windows: int, heads: int, mask_windows: int, resident_blocks: int) -> tuple[int, int]:
         """(blocks, splits): dQ blocks first, then the dK/dV blocks. With a bias, the images are split so that there
         are twice as many dQ blocks as the GPU holds (a dQ block walks its split's windows in sequence: fewer,
-        longer ones become the launch's tail), within the partial sums' memory budget; without, one image each."""
+        longer ones become the launch's tail), within TILE_DBIAS_PARTIAL_BYTES of partial sums; without, one image
+        each."""
         pair_windows = max(mask_windows, 1)
         images = windows // pair_windows
         if images == 0:
@@ -361,10 +380,31 @@ class BackwardTileVariant(_SplitBackward):
         owners = heads * self.chunks_per_item
         splits = images
         if self.problem.has_bias:
-            by_memory = DBIAS_PARTIAL_BUDGET_BYTES // (heads * self.problem.n ** 2 * 4)
+            by_memory = TILE_DBIAS_PARTIAL_BYTES // (heads * self.problem.n ** 2 * 4)
             splits = max(1, min(images, by_memory, -(-2 * resident_blocks // owners)))
         groups = -(-images // self.windows_per_block)
         return owners * splits + owners * pair_windows * groups, splits
+
+
+@dataclass(frozen=True)
+class RowDeltaVariant:
+    """The tiled backward's prepass: D = rowsum(dO * O) of every row, float32, one thread a row. Not tuned: it moves
+    a third of the bytes the backward reads once, where the backward would otherwise stage O in every block."""
+
+    problem: Problem
+    threads: int = 256
+
+    kind = "bwd_delta"
+    smem_bytes = 0
+
+    def knobs(self) -> dict:
+        return {}
+
+    def key(self) -> str:
+        return f"fwagen_{self.kind}_{self.problem.key()}"
+
+    def grid(self, windows: int, heads: int, mask_windows: int, resident_blocks: int) -> tuple[int, int]:
+        return -(-windows * heads * self.problem.n // self.threads), 1
 
 
 Variant = ForwardVariant | SimtVariant | BackwardVariant | BackwardSimtVariant | BackwardTileVariant

@@ -51,6 +51,11 @@ __device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src,
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem_dst)), "l"(gmem_src),
                "r"(src_bytes));
 }
+// 4-byte asynchronous copy (through L1: cp.async.cg takes 16 bytes only), zero-filled like cp_async16.
+__device__ __forceinline__ void cp_async4(void* smem_dst, const void* gmem_src, int src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(smem_dst)), "l"(gmem_src),
+               "r"(src_bytes));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int PENDING> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING));
@@ -102,6 +107,38 @@ __device__ __forceinline__ void load_tile_async(T* smem, const T* base, int row_
     const bool in = valid_item && row < valid_rows && col < valid_cols;
     cp_async16(smem + r * PITCH + col, in ? base + (row * row_stride + col) : base, in ? 16 : 0);
   }
+}
+
+// Copy a ROWS x COLS block of a row-major float matrix with MATRIX_COLS columns (rows from first_row, columns from
+// first_col) into shared memory with row pitch SPITCH floats. Elements at or past `valid` in either direction are
+// zero-filled. 16-byte copies where every row starts 16-byte aligned (MATRIX_COLS % 4 == 0), else 4-byte ones.
+template <int ROWS, int COLS, int SPITCH, int MATRIX_COLS, int THREADS>
+__device__ __forceinline__ void load_float_tile_async(float* smem, const float* matrix, int first_row, int first_col,
+                                                      int valid) {
+  constexpr int VEC = MATRIX_COLS % 4 == 0 ? 4 : 1;
+  constexpr int PER_ROW = COLS / VEC;
+  constexpr int CHUNKS = ROWS * PER_ROW;
+  constexpr int ITERS = (CHUNKS + THREADS - 1) / THREADS;
+  static_assert(COLS % VEC == 0 && SPITCH % 4 == 0, "16-byte aligned shared rows");
+#pragma unroll
+  for (int i = 0; i < ITERS; ++i) {
+    const unsigned c = threadIdx.x + i * THREADS;
+    if (CHUNKS % THREADS != 0 && c >= CHUNKS) break;
+    const int r = c / PER_ROW, col = (c % PER_ROW) * VEC;
+    const int row = first_row + r, matrix_col = first_col + col;
+    const bool in = row < valid && matrix_col < valid;
+    const float* src = in ? matrix + (long long)row * MATRIX_COLS + matrix_col : matrix;
+    if constexpr (VEC == 4)
+      cp_async16(smem + r * SPITCH + col, src, in ? 16 : 0);
+    else
+      cp_async4(smem + r * SPITCH + col, src, in ? 4 : 0);
+  }
+}
+
+// Copy COUNT consecutive floats (src[0..COUNT), those at or past `valid` zero-filled) into shared memory.
+template <int COUNT, int THREADS>
+__device__ __forceinline__ void load_floats_async(float* smem, const float* src, int valid) {
+  for (int i = threadIdx.x; i < COUNT; i += THREADS) cp_async4(smem + i, i < valid ? src + i : src, i < valid ? 4 : 0);
 }
 
 }  // namespace fwagen

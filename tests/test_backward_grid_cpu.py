@@ -11,7 +11,8 @@ import itertools
 import pytest
 
 from fwagen.problem import Problem
-from fwagen.variant import DBIAS_PARTIAL_BUDGET_BYTES, BackwardSimtVariant, BackwardTileVariant
+from fwagen.variant import (DBIAS_PARTIAL_BUDGET_BYTES, TILE_DBIAS_PARTIAL_BYTES, BackwardSimtVariant,
+                            BackwardTileVariant)
 
 # (windows, heads, mask windows): the bench's Swin shapes and small odd ones.
 CALLS = [(8192, 3, 64), (2048, 4, 64), (1024, 4, 64), (256, 8, 16), (128, 24, 0), (5, 2, 0), (12, 2, 4), (3, 7, 1)]
@@ -31,11 +32,11 @@ def test_tiled_grid_gives_every_split_a_window_and_bounds_the_partial_sums(n):
         images = windows // max(mask_windows, 1)
         owners = heads * variant.chunks_per_item
         assert 1 <= splits <= images
-        assert splits == 1 or splits * heads * n * n * 4 <= DBIAS_PARTIAL_BUDGET_BYTES
+        assert splits == 1 or splits * heads * n * n * 4 <= TILE_DBIAS_PARTIAL_BYTES <= DBIAS_PARTIAL_BUDGET_BYTES
         groups = -(-images // variant.windows_per_block)
         assert blocks == owners * splits + owners * max(mask_windows, 1) * groups
-        # As many dQ blocks as twice the resident blocks, unless the images or the memory budget run out first.
-        by_memory = max(1, DBIAS_PARTIAL_BUDGET_BYTES // (heads * n * n * 4))
+        # As many dQ blocks as twice the resident blocks, unless the images or the L2 budget run out first.
+        by_memory = max(1, TILE_DBIAS_PARTIAL_BYTES // (heads * n * n * 4))
         assert owners * splits >= min(2 * resident, owners * images, owners * by_memory)
         shape, dims = variant.dbias_partials(heads, mask_windows, splits)
         assert shape == (splits, heads, n, n) and dims == (0,)

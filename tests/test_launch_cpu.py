@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from fwagen.launch import _BACKWARD_ARGS, _FORWARD_ARGS
+from fwagen.launch import _BACKWARD_ARGS, _FORWARD_ARGS, _ROW_DELTA_ARGS
 from fwagen.problem import Problem
 from fwagen.render import render
 from fwagen.space import default_backward, default_variant
@@ -38,3 +38,10 @@ def test_backward_parameters_match_the_packed_buffer(n, dtype, kind):
     variant = default_backward(Problem(n, 32, dtype, True, True, "bwd"))
     assert variant.kind == kind and getattr(variant, "compact_smem", n > 96) == (n > 96)
     assert packed_codes(render(variant)) == _BACKWARD_ARGS.format.lstrip("@")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_row_delta_prepass_parameters_match_the_packed_buffer(dtype):
+    variant = default_backward(Problem(576, 32, dtype, True, True, "bwd"))
+    assert variant.prepass is not None
+    assert packed_codes(render(variant.prepass)) == _ROW_DELTA_ARGS.format.lstrip("@")

@@ -1,0 +1,79 @@
+"""Where a training step's time goes, per shape: the forward kernel, the backward kernel (and, for a split kernel,
+its dQ blocks alone), and the op's forward plus backward around them, as graph replays in one run.
+Usage: python3 bench/profile_backward.py [--shape NAME ...] [--dtype bfloat16] [--ncu]
+(--ncu: only launch the default backward a few times, for `ncu` to profile the last launch.)"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+import fwagen
+from fwagen import launch
+from fwagen.bench import SHAPES
+from fwagen.launch import launch_backward, launch_forward
+from fwagen.problem import Problem
+from fwagen.space import default_backward, default_variant
+from fwagen.timing import interleaved
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from helpers import make_inputs  # noqa: E402
+
+
+def dq_blocks_only(variant, q, mask):
+    """Re-plan the split kernel's launch to its dQ blocks alone (they come first in the grid)."""
+    windows, heads = q.shape[:2]
+    mask_windows = 0 if mask is None else mask.shape[0]
+    slot = (variant.key(), q.device.index, windows, heads, mask_windows)
+    launch._plans.pop(slot, None)
+    loaded, _, splits = launch._plan(variant, q.device.index, windows, heads, mask_windows)
+    launch._plans[slot] = (loaded, heads * variant.chunks_per_item * splits, splits)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", action="append")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--ncu", action="store_true")
+    args = parser.parse_args(argv)
+    print(torch.cuda.get_device_name())
+    for shape in [s for s in SHAPES if s.name in (args.shape or ["w24-n576"])]:
+        dtype = getattr(torch, args.dtype)
+        q, k, v, b, m = make_inputs(shape.windows, shape.heads, shape.n, shape.d, dtype, mask_windows=shape.nw,
+                                    qkv_strided=True)
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        lse = torch.empty(q.shape[:3], device="cuda")
+        scale = shape.d ** -0.5
+        forward = default_variant(Problem(shape.n, shape.d, args.dtype, True, True))
+        backward = default_backward(Problem(shape.n, shape.d, args.dtype, True, True, "bwd"))
+        launch_forward(forward, q, k, v, out, lse, b, m, scale)
+        dout = torch.randn_like(out)
+        if args.ncu:
+            for _ in range(3):
+                launch_backward(backward, q, k, v, out, dout, lse, b, m, scale)
+            torch.cuda.synchronize()
+            print(backward.key())
+            continue
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, b)]
+
+        def train():
+            o = fwagen.window_attention(*leaves[:3], bias=leaves[3], mask=m)
+            return torch.autograd.grad(o, leaves, dout)
+
+        fns = {"forward kernel": lambda: launch_forward(forward, q, k, v, out, lse, b, m, scale),
+               "backward kernel": lambda: launch_backward(backward, q, k, v, out, dout, lse, b, m, scale),
+               "op forward+backward": train}
+        timings = interleaved(fns, use_graph=True)
+        if backward.kind != "bwd_mma":
+            dq_blocks_only(backward, q, m)
+            timings["backward, dQ blocks alone"] = interleaved(
+                {"dq": lambda: launch_backward(backward, q, k, v, out, dout, lse, b, m, scale)}, use_graph=True)["dq"]
+        print(f"\n## {shape.name} {args.dtype} mask: {forward.key()} / {backward.key()}")
+        for name, t in timings.items():
+            print(f"{t.median_ms:8.4f} ms (spread {t.spread:.0%})  {name}")
+
+
+if __name__ == "__main__":
+    main()
