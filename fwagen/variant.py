@@ -241,9 +241,30 @@ class BackwardVariant:
 # dbias partial sums of the split backward kernels stay under this many bytes: they are the one buffer of those
 # kernels that grows with the number of splits, and the peak memory of a training step should not.
 DBIAS_PARTIAL_BUDGET_BYTES = 128 * 2**20
-# The tiled kernel's dQ blocks read and write their part of the partial sums at every step: kept to half of an
-# H100's 50 MB L2 (less on smaller cards only costs L2 misses), those reads stay out of DRAM.
-TILE_DBIAS_PARTIAL_BYTES = 24 * 2**20
+# The tiled kernel's dQ blocks read and write their part of the partial sums at every step: kept within an H100's
+# 50 MB L2, those reads stay out of DRAM (measured at window 24: 42 MB of partials as fast as 10, 85 MB 20% slower).
+TILE_DBIAS_PARTIAL_BYTES = 48 * 2**20
+
+
+@lru_cache(maxsize=4096)
+def choose_tile_splits(owners: int, images: int, pair_windows: int, windows_per_block: int, resident_blocks: int,
+                       max_splits: int) -> int:
+    """Splits of the images for the tiled backward's dQ blocks: the fewest with the least estimated time, in units of
+    one window group's step, which a dQ and a dK/dV block take alike:
+      * a dQ block walks pair_windows x G groups of WPB windows (G = ceil(images / splits / WPB)) in sequence, and
+        the dQ blocks come in ceil(owners x splits / resident) waves: that chain bounds the launch from below;
+      * all blocks together (the dQ blocks' group slots, idle ones included, and one group each for the dK/dV
+        blocks) over the resident blocks bound it too.
+    Measured on an H100 (tests/data/h100_tile_backward_splits.json), the larger of the two tracks the kernel's time
+    within ~5% over split counts whose times differ 4x."""
+    kv_groups = owners * pair_windows * -(-images // windows_per_block)
+
+    def cost(splits: int) -> float:
+        groups = -(-(-(-images // splits)) // windows_per_block)
+        chain = -(-owners * splits // resident_blocks) * pair_windows * groups
+        return max(chain, (owners * splits * pair_windows * groups + kv_groups) / resident_blocks)
+
+    return min(range(1, max(1, min(images, max_splits)) + 1), key=lambda splits: (cost(splits), splits))
 
 
 class _SplitBackward:
@@ -369,19 +390,17 @@ class BackwardTileVariant(_SplitBackward):
         return max(dq, dkdv)
 
     def grid(self, windows: int, heads: int, mask_windows: int, resident_blocks: int) -> tuple[int, int]:
-        """(blocks, splits): dQ blocks first, then the dK/dV blocks. With a bias, the images are split so that there
-        are twice as many dQ blocks as the GPU holds (a dQ block walks its split's windows in sequence: fewer,
-        longer ones become the launch's tail), within TILE_DBIAS_PARTIAL_BYTES of partial sums; without, one image
-        each."""
+        """(blocks, splits): dQ blocks first, then the dK/dV blocks; the images split by `choose_tile_splits`, within
+        TILE_DBIAS_PARTIAL_BYTES of dbias partial sums where there is a bias."""
         pair_windows = max(mask_windows, 1)
         images = windows // pair_windows
         if images == 0:
             return 0, 1
         owners = heads * self.chunks_per_item
-        splits = images
+        max_splits = images
         if self.problem.has_bias:
-            by_memory = TILE_DBIAS_PARTIAL_BYTES // (heads * self.problem.n ** 2 * 4)
-            splits = max(1, min(images, by_memory, -(-2 * resident_blocks // owners)))
+            max_splits = TILE_DBIAS_PARTIAL_BYTES // (heads * self.problem.n ** 2 * 4)
+        splits = choose_tile_splits(owners, images, pair_windows, self.windows_per_block, resident_blocks, max_splits)
         groups = -(-images // self.windows_per_block)
         return owners * splits + owners * pair_windows * groups, splits
 
