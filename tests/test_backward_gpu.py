@@ -94,10 +94,13 @@ def test_swin_stage1_uses_the_backward_kernel_and_matches():
     run_case(256, 3, 49, 32, torch.float16, bias=True, mask_windows=64, qkv_strided=True, token_major=True)
 
 
-def test_swin_window12_uses_the_compact_backward_kernel_and_matches():
-    variant = default_backward(Problem(144, 32, "bfloat16", True, True, "bwd"))
-    assert variant is not None and variant.compact_smem
+def test_swin_window12_uses_the_tiled_backward_kernel_and_the_compact_whole_window_one_matches_too():
+    problem = Problem(144, 32, "bfloat16", True, True, "bwd")
+    assert default_backward(problem).kind == "bwd_tile"
     run_case(128, 4, 144, 32, torch.bfloat16, bias=True, mask_windows=16, qkv_strided=True, token_major=True)
+    compact = [v for v in backward_candidates(problem)[0] if v.kind == "bwd_mma"]  # the tuner may still pick these
+    assert compact and all(v.compact_smem for v in compact)
+    check_variants(problem, 64, 4, 16, compact[:2])
 
 
 def test_float32_uses_the_cuda_core_and_window24_the_tiled_backward_kernel_and_both_match():
@@ -145,9 +148,8 @@ def tiled_variants(problem):
     return sorted(picked, key=lambda v: v.key())
 
 
-@pytest.mark.parametrize("case", TILED_CASES, ids=lambda c: c[0].key())
-def test_tiled_variants_match_float64_autograd(case):
-    problem, windows, heads, mask_windows = case
+def check_variants(problem, windows, heads, mask_windows, variants):
+    """Each of `variants` (launched directly, not dispatched) against float64 autograd on fresh inputs."""
     n, d, dtype = problem.n, problem.head_dim, DTYPES[problem.dtype]
     q, k, v, b, m = make_inputs(windows, heads, n, d, dtype, bias=problem.has_bias, mask_windows=mask_windows,
                                 qkv_strided=True)
@@ -160,12 +162,18 @@ def test_tiled_variants_match_float64_autograd(case):
                                None if m is None else m.double(), scale).backward(grad_out.double())
     expected = [t.grad for t in leaves]
     eager = gradients(q, k, v, b, m, grad_out, lambda *args: window_attention_reference(*args, scale))
-    variants = tiled_variants(problem)
-    assert len(variants) >= 2
     for variant in variants:
         dqkv, dbias = launch_backward(variant, q, k, v, out, grad_out, lse, b, m, scale)
         got = list(dqkv.permute(2, 0, 3, 1, 4).unbind(0)) + ([dbias] if b is not None else [])
         assert_within_twice_eager(got, eager, expected, dtype, label=f"{variant.key()} ")
+
+
+@pytest.mark.parametrize("case", TILED_CASES, ids=lambda c: c[0].key())
+def test_tiled_variants_match_float64_autograd(case):
+    problem, windows, heads, mask_windows = case
+    variants = tiled_variants(problem)
+    assert len(variants) >= 2
+    check_variants(problem, windows, heads, mask_windows, variants)
 
 
 def test_mask_requiring_grad_is_refused():

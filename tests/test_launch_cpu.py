@@ -10,6 +10,7 @@ from fwagen.launch import _BACKWARD_ARGS, _FORWARD_ARGS, _ROW_DELTA_ARGS
 from fwagen.problem import Problem
 from fwagen.render import render
 from fwagen.space import default_backward, default_variant
+from fwagen.variant import BackwardVariant
 
 C_TO_STRUCT = {"long long": "q", "int": "i", "float": "f"}
 
@@ -32,12 +33,20 @@ def test_forward_parameters_match_the_packed_buffer(problem):
     assert packed_codes(render(default_variant(problem))) == _FORWARD_ARGS.format.lstrip("@")
 
 
-@pytest.mark.parametrize("n, dtype, kind", [(49, "bfloat16", "bwd_mma"), (144, "bfloat16", "bwd_mma"),
-                                             (576, "bfloat16", "bwd_tile"), (576, "float32", "bwd_simt")])
-def test_backward_parameters_match_the_packed_buffer(n, dtype, kind):
-    variant = default_backward(Problem(n, 32, dtype, True, True, "bwd"))
-    assert variant.kind == kind and getattr(variant, "compact_smem", n > 96) == (n > 96)
-    assert packed_codes(render(variant)) == _BACKWARD_ARGS.format.lstrip("@")
+def backward_variants():
+    """One variant of every backward kind and of both whole-window layouts."""
+    return [default_backward(Problem(49, 32, "bfloat16", True, True, "bwd")),
+            BackwardVariant(Problem(144, 32, "bfloat16", True, True, "bwd")),
+            default_backward(Problem(576, 32, "bfloat16", True, True, "bwd")),
+            default_backward(Problem(576, 32, "float32", True, True, "bwd"))]
+
+
+def test_backward_parameters_match_the_packed_buffer():
+    variants = backward_variants()
+    assert {(v.kind, getattr(v, "compact_smem", None)) for v in variants} == {
+        ("bwd_mma", False), ("bwd_mma", True), ("bwd_tile", None), ("bwd_simt", None)}
+    for variant in variants:
+        assert packed_codes(render(variant)) == _BACKWARD_ARGS.format.lstrip("@"), variant.key()
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
