@@ -13,7 +13,7 @@ import torch
 import fwagen
 from fwagen import launch
 from fwagen.bench import SHAPES
-from fwagen.launch import launch_backward, launch_forward
+from fwagen.launch import empty_lse, launch_backward, launch_forward
 from fwagen.problem import Problem
 from fwagen.space import default_backward, default_variant
 from fwagen.timing import interleaved
@@ -44,7 +44,7 @@ def main(argv=None):
         q, k, v, b, m = make_inputs(shape.windows, shape.heads, shape.n, shape.d, dtype, mask_windows=shape.nw,
                                     qkv_strided=True)
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        lse = torch.empty(q.shape[:3], device="cuda")
+        lse = empty_lse(q)
         scale = shape.d ** -0.5
         forward = default_variant(Problem(shape.n, shape.d, args.dtype, True, True))
         backward = default_backward(Problem(shape.n, shape.d, args.dtype, True, True, "bwd"))

@@ -5,7 +5,7 @@ import sys
 import torch
 
 from fwagen.bench import SHAPES
-from fwagen.launch import launch_forward
+from fwagen.launch import empty_lse, launch_forward
 from fwagen.problem import Problem
 from fwagen.variant import ForwardVariant
 
@@ -19,7 +19,7 @@ variant = ForwardVariant(Problem(shape.n, shape.d, dtype, True, True), *map(int,
 q, k, v, b, m = make_inputs(shape.windows, shape.heads, shape.n, shape.d, getattr(torch, dtype), mask_windows=shape.nw,
                             qkv_strided=True)
 out = torch.empty_like(q, memory_format=torch.contiguous_format)
-lse = torch.empty(q.shape[:3], device="cuda")
+lse = empty_lse(q)
 for _ in range(3):
     launch_forward(variant, q, k, v, out, lse, b, m, shape.d ** -0.5)
 torch.cuda.synchronize()

@@ -12,7 +12,7 @@ import torch
 from fwagen import launch
 from fwagen.bench import SHAPES
 from fwagen.compiler import load_kernel
-from fwagen.launch import launch_backward, launch_forward
+from fwagen.launch import empty_lse, launch_backward, launch_forward
 from fwagen.problem import Problem
 from fwagen.space import default_variant
 from fwagen.timing import time_cuda
@@ -32,7 +32,7 @@ def main(argv=None):
         q, k, v, b, m = make_inputs(shape.windows, shape.heads, shape.n, shape.d, getattr(torch, args.dtype),
                                     mask_windows=shape.nw, qkv_strided=True)
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        lse = torch.empty(q.shape[:3], device="cuda")
+        lse = empty_lse(q)
         scale = shape.d ** -0.5
         launch_forward(default_variant(Problem(shape.n, shape.d, args.dtype, True, True)), q, k, v, out, lse, b, m,
                        scale)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from fwagen.bench import SHAPES
-from fwagen.launch import launch_backward, launch_forward
+from fwagen.launch import empty_lse, launch_backward, launch_forward
 from fwagen.problem import Problem
 from fwagen.space import backward_candidates, default_variant
 from fwagen.timing import time_cuda
@@ -29,7 +29,7 @@ def main(argv=None):
         q, k, v, b, m = make_inputs(shape.windows, shape.heads, shape.n, shape.d, getattr(torch, args.dtype),
                                     mask_windows=shape.nw, qkv_strided=True)
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        lse = torch.empty(q.shape[:3], device="cuda")
+        lse = empty_lse(q)
         scale = shape.d ** -0.5
         forward = default_variant(problem)
         fwd = time_cuda(lambda: launch_forward(forward, q, k, v, out, lse, b, m, scale))

@@ -12,7 +12,7 @@ import torch
 
 from fwagen.bench import SHAPES, gpu_slug
 from fwagen.compiler import CompileError, compile_variant, device_arch
-from fwagen.launch import launch_forward
+from fwagen.launch import empty_lse, launch_forward
 from fwagen.problem import Problem
 from fwagen.reference import window_attention_reference
 from fwagen.space import candidates, default_variant, resource_violation
@@ -30,7 +30,7 @@ def sweep(shape, dtype: str, masked: bool, arch: str):
     q, k, v, b, m = make_inputs(shape.windows, shape.heads, shape.n, shape.d, getattr(torch, dtype),
                                 mask_windows=shape.nw if masked else 0, qkv_strided=True)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty(q.shape[:3], device=q.device)
+    lse = empty_lse(q)
     check_slice = slice(0, 64)
     expected = reference64(q[check_slice], k[check_slice], v[check_slice], b, None if m is None else m)
     eager_err = (window_attention_reference(q[check_slice], k[check_slice], v[check_slice], b, m).double()

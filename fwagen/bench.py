@@ -336,14 +336,14 @@ def host_overhead_us(calls: int = 2000) -> dict:
     import fwagen
     from fwagen import dispatch
     from fwagen.compiler import device_arch
-    from fwagen.launch import launch_forward
+    from fwagen.launch import empty_lse, launch_forward
     from fwagen.problem import Problem
 
     q, k, v = (torch.randn(8, 2, 49, 32, dtype=torch.float16, device="cuda") for _ in range(3))
     bias = torch.randn(2, 49, 49, device="cuda")
     problem, arch = Problem(49, 32, "float16", True, False), device_arch(q.device.index)
     variant = dispatch.choose_for(problem, 16, arch).variant
-    out, lse = torch.empty_like(q), torch.empty(8, 2, 49, device="cuda")
+    out, lse = torch.empty_like(q), empty_lse(q)
 
     def per_call(fn) -> float:
         fn()

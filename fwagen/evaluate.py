@@ -250,6 +250,8 @@ class _Inputs:
     def __init__(self, pclass: ProblemClass, device: int, arch: str):
         import torch
 
+        from .launch import empty_lse
+
         problem = self.problem = pclass.problem
         self.pclass, self.arch = pclass, arch
         self.windows, self.heads, self.mask_windows = class_shape(pclass)
@@ -262,7 +264,7 @@ class _Inputs:
         self.mask = torch.empty(self.mask_windows, n, n, device=self.device) if self.mask_windows else None
         self.out = torch.empty(w, n, h * d, dtype=self.dtype, device=self.device)
         self.out_bhnd = self.out.view(w, n, h, d).transpose(1, 2)
-        self.lse = torch.empty(w, h, n, device=self.device)
+        self.lse = empty_lse(self.q)
         self.scale = d ** -0.5
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(int.from_bytes(os.urandom(6), "little"))
@@ -336,6 +338,8 @@ class BackwardBench(_Inputs):
 
     def __init__(self, pclass: ProblemClass, device: int, arch: str):
         import torch
+
+        from .launch import empty_lse
 
         from .space import default_variant
 

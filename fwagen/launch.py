@@ -12,9 +12,8 @@ import struct
 import torch
 
 from .compiler import load_kernel
-from .variant import Variant
+from .variant import LSE_TYPE, Variant
 
-LOG2E = 1.4426950408889634
 KERNEL_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 
@@ -56,6 +55,13 @@ def validate(q, k, v, bias=None, mask=None) -> None:
                              "(the batch index is outermost: window b uses mask[b % nW])")
         if mask.requires_grad:
             raise ValueError("mask: the shifted-window mask receives no gradient; pass mask.detach()")
+
+
+def empty_lse(q: torch.Tensor) -> torch.Tensor:
+    """The (windows, heads, N) log-sum-exp buffer the forward writes for q's dtype (variant.LSE_TYPE; float64 for
+    float64 inputs, which no kernel takes)."""
+    dtype = getattr(torch, LSE_TYPE[KERNEL_DTYPES[q.dtype]]) if q.dtype in KERNEL_DTYPES else torch.float64
+    return q.new_empty(q.shape[:3], dtype=dtype)
 
 
 def kernel_ready(*tensors: torch.Tensor) -> bool:
@@ -136,7 +142,7 @@ def launch_forward(variant: Variant, q, k, v, out, lse, bias, mask, scale: float
     packed = _FORWARD_ARGS.pack(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), *_strides(q), *_strides(k), *_strides(v),
         out.data_ptr(), *_strides(out), lse.data_ptr(), _pointer(bias), _pointer(mask),
-        windows, heads, mask_windows, scale * LOG2E, splits,
+        windows, heads, mask_windows, scale, splits,
     )
     _launch(loaded, variant, blocks, packed, device)
 

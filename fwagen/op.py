@@ -15,7 +15,7 @@ import torch
 
 from . import dispatch
 from .compiler import device_arch
-from .launch import KERNEL_DTYPES, kernel_ready, launch_backward, launch_forward, validate
+from .launch import KERNEL_DTYPES, empty_lse, kernel_ready, launch_backward, launch_forward, validate
 from .problem import MAX_HEAD_DIM, MAX_N, Problem
 from .reference import log_sum_exp_reference, window_attention_gradients_reference, window_attention_reference
 
@@ -68,7 +68,7 @@ def _empty_outputs(q: torch.Tensor, token_major: bool) -> tuple[torch.Tensor, to
         view = out.view(windows, n, heads, d).transpose(1, 2)
     else:
         out = view = q.new_empty(windows, heads, n, d)
-    lse = q.new_empty(windows, heads, n, dtype=torch.float32)
+    lse = empty_lse(q)
     return out, view, lse
 
 
@@ -94,7 +94,7 @@ def _forward(q, k, v, bias, mask, scale: float, token_major: bool) -> tuple[torc
     """(output in the requested layout, log-sum-exp): a kernel where one covers the inputs, else the reference."""
     if _no_kernel_reason(q) is not None:  # the public wrapper has warned, pointing at the caller
         out = window_attention_reference(q, k, v, bias, mask, scale)
-        lse = log_sum_exp_reference(q, k, bias, mask, scale).float()
+        lse = log_sum_exp_reference(q, k, bias, mask, scale).to(empty_lse(q).dtype)
         return _to_layout(out, token_major).contiguous(), lse
     if not kernel_ready(q, k, v):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()

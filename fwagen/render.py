@@ -10,7 +10,7 @@ from pathlib import Path
 
 import jinja2
 
-from .variant import CUDA_TYPE, ForwardVariant, SimtVariant, Variant
+from .variant import CUDA_TYPE, LSE_TYPE, ForwardVariant, SimtVariant, Variant
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 TEMPLATE_FOR_KIND = {"mma": "fwd_mma.cu.j2", "simt": "fwd_simt.cu.j2", "bwd_mma": "bwd_mma.cu.j2",
@@ -60,6 +60,7 @@ def template_values(variant: Variant) -> dict:
     values = {
         "name": variant.key(),
         "ctype": CUDA_TYPE[problem.dtype],
+        "lse_ctype": CUDA_TYPE[LSE_TYPE[problem.dtype]],
         "n": problem.n,
         "head_dim": problem.head_dim,
         "has_bias": problem.has_bias,

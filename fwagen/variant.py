@@ -13,7 +13,11 @@ from functools import lru_cache
 from .problem import Problem, pad_to
 
 ELEMENT_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
-CUDA_TYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
+CUDA_TYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float", "float64": "double"}
+# The log-sum-exp the forward saves for the backward: float32, but float64 for float32 inputs, whose backward
+# recomputes P = exp(S - lse): one rounding of a float32 lse near 10 moves every P of its row by 5e-7 relative,
+# several times eager PyTorch's float32 error (measured: dbias 1.6-3.7x eager's max error, bench/accuracy_backward.py).
+LSE_TYPE = {"float16": "float32", "bfloat16": "float32", "float32": "float64"}
 MMA_TYPE = {"float16": "f16", "bfloat16": "bf16"}
 # Rows of shared-memory tiles are padded by 16 bytes so that ldmatrix rows fall in distinct banks.
 SMEM_ROW_PAD_BYTES = 16
@@ -323,7 +327,7 @@ class BackwardSimtVariant(_SplitBackward):
         staged = 2 * self.tile_rows * problem.head_dim * 4  # K and V (dQ blocks) or Q and dO (dK/dV blocks)
         tile = self.own_rows * (self.tile_rows + 1) * 4  # one [own_rows][tile_rows] float tile, padded
         dq_extra = tile * ((problem.has_bias or problem.has_mask) + problem.has_bias)  # (bias + mask), and dS
-        return staged + max(dq_extra, 2 * self.tile_rows * 4)  # (dK/dV blocks: the staged rows' lse and D)
+        return staged + max(dq_extra, self.tile_rows * (8 + 4))  # (dK/dV blocks: the staged rows' lse (double), D)
 
     def grid(self, windows: int, heads: int, mask_windows: int, resident_blocks: int) -> tuple[int, int]:
         """(blocks, splits): dQ blocks first (they run longest), then one dK/dV block per window, head and chunk.

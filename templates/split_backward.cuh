@@ -4,12 +4,13 @@
 
 namespace fwagen {
 
-template <typename T>
+template <typename T, typename Lse>
 struct SplitBackwardArgs {
   const T *q, *k, *v, *o, *dout;
   long long q_sb, q_sh, k_sb, k_sh, v_sb, v_sh, o_sb, o_sh, g_sb, g_sh;  // window and head strides (elements)
   int q_sn, k_sn, v_sn, o_sn, g_sn;                                      // token strides
-  const float *lse, *delta, *bias, *mask;  // delta: rowsum(dO * O), for the kernels that take it precomputed
+  const Lse* lse;
+  const float *delta, *bias, *mask;  // delta: rowsum(dO * O), for the kernels that take it precomputed
   T *dq, *dk, *dv;
   float* dbias_partial;
   int windows, heads, mask_windows, splits;

@@ -9,7 +9,7 @@ import torch
 
 import fwagen
 from fwagen.compiler import compile_variant, device_arch
-from fwagen.launch import launch_forward
+from fwagen.launch import empty_lse, launch_forward
 from fwagen.problem import Problem
 from fwagen.reference import log_sum_exp_reference
 from fwagen.space import candidates, default_variant, resource_violation
@@ -52,7 +52,7 @@ def run_poisoned(variant, q, k, v, b, m, token_major=False, scale=None):
         out_bhnd = out.view(windows, n, heads, d).transpose(1, 2)
     else:
         out = out_bhnd = torch.full_like(q, float("nan"), memory_format=torch.contiguous_format)
-    lse = torch.full((windows, heads, n), float("nan"), device=q.device)
+    lse = empty_lse(q).fill_(float("nan"))
     launch_forward(variant, q, k, v, out_bhnd, lse, b, m, scale)
     torch.cuda.synchronize()
     return out_bhnd, lse

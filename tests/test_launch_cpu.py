@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
-from fwagen.launch import _BACKWARD_ARGS, _FORWARD_ARGS, _ROW_DELTA_ARGS
+from fwagen.launch import _BACKWARD_ARGS, _FORWARD_ARGS, _ROW_DELTA_ARGS, empty_lse
 from fwagen.problem import Problem
 from fwagen.render import render
 from fwagen.space import default_backward, default_variant
@@ -54,3 +55,13 @@ def test_row_delta_prepass_parameters_match_the_packed_buffer(dtype):
     variant = default_backward(Problem(576, 32, dtype, True, True, "bwd"))
     assert variant.prepass is not None
     assert packed_codes(render(variant.prepass)) == _ROW_DELTA_ARGS.format.lstrip("@")
+
+
+@pytest.mark.parametrize("dtype, lse_type", [("float16", "float"), ("bfloat16", "float"), ("float32", "double")])
+def test_the_lse_buffer_has_the_type_the_kernels_write_and_read(dtype, lse_type):
+    """float32 inputs save lse in double (variant.LSE_TYPE): a buffer of the wrong width would be overrun or misread."""
+    q = torch.empty(2, 3, 49, 32, dtype=getattr(torch, dtype))
+    assert empty_lse(q).shape == (2, 3, 49) and empty_lse(q).element_size() == {"float": 4, "double": 8}[lse_type]
+    assert re.search(rf"\b{lse_type}\* __restrict__ lse\b", render(default_variant(Problem(49, 32, dtype, True, True))))
+    for n in (49, 576):
+        assert f"typedef {lse_type} Lse;" in render(default_backward(Problem(n, 32, dtype, True, True, "bwd")))
