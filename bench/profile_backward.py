@@ -5,21 +5,17 @@ Usage: python3 bench/profile_backward.py [--shape NAME ...] [--dtype bfloat16] [
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
+from backward_inputs import backward_inputs
 
 import fwagen
 from fwagen import launch
 from fwagen.bench import SHAPES
-from fwagen.launch import empty_lse, launch_backward, launch_forward
+from fwagen.launch import launch_backward
 from fwagen.problem import Problem
-from fwagen.space import default_backward, default_variant
+from fwagen.space import default_backward
 from fwagen.timing import interleaved
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from helpers import make_inputs  # noqa: E402
 
 
 def dq_blocks_only(variant, q, mask):
@@ -40,37 +36,29 @@ def main(argv=None):
     args = parser.parse_args(argv)
     print(torch.cuda.get_device_name())
     for shape in [s for s in SHAPES if s.name in (args.shape or ["w24-n576"])]:
-        dtype = getattr(torch, args.dtype)
-        q, k, v, b, m = make_inputs(shape.windows, shape.heads, shape.n, shape.d, dtype, mask_windows=shape.nw,
-                                    qkv_strided=True)
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        lse = empty_lse(q)
-        scale = shape.d ** -0.5
-        forward = default_variant(Problem(shape.n, shape.d, args.dtype, True, True))
+        x = backward_inputs(shape, args.dtype)
         backward = default_backward(Problem(shape.n, shape.d, args.dtype, True, True, "bwd"))
-        launch_forward(forward, q, k, v, out, lse, b, m, scale)
-        dout = torch.randn_like(out)
         if args.ncu:
             for _ in range(3):
-                launch_backward(backward, q, k, v, out, dout, lse, b, m, scale)
+                launch_backward(backward, *x.backward_args())
             torch.cuda.synchronize()
             print(backward.key())
             continue
-        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, b)]
+        leaves = [t.detach().clone().requires_grad_() for t in (x.q, x.k, x.v, x.bias)]
 
         def train():
-            o = fwagen.window_attention(*leaves[:3], bias=leaves[3], mask=m)
-            return torch.autograd.grad(o, leaves, dout)
+            o = fwagen.window_attention(*leaves[:3], bias=leaves[3], mask=x.mask)
+            return torch.autograd.grad(o, leaves, x.dout)
 
-        fns = {"forward kernel": lambda: launch_forward(forward, q, k, v, out, lse, b, m, scale),
-               "backward kernel": lambda: launch_backward(backward, q, k, v, out, dout, lse, b, m, scale),
+        fns = {"forward kernel": x.launch_forward,
+               "backward kernel": lambda: launch_backward(backward, *x.backward_args()),
                "op forward+backward": train}
         timings = interleaved(fns, use_graph=True)
         if backward.kind != "bwd_mma":
-            dq_blocks_only(backward, q, m)
+            dq_blocks_only(backward, x.q, x.mask)
             timings["backward, dQ blocks alone"] = interleaved(
-                {"dq": lambda: launch_backward(backward, q, k, v, out, dout, lse, b, m, scale)}, use_graph=True)["dq"]
-        print(f"\n## {shape.name} {args.dtype} mask: {forward.key()} / {backward.key()}")
+                {"dq": lambda: launch_backward(backward, *x.backward_args())}, use_graph=True)["dq"]
+        print(f"\n## {shape.name} {args.dtype} mask: {x.forward.key()} / {backward.key()}")
         for name, t in timings.items():
             print(f"{t.median_ms:8.4f} ms (spread {t.spread:.0%})  {name}")
 

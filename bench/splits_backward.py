@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
-from pathlib import Path
 
-import torch
+from backward_inputs import backward_inputs
 
 from fwagen import launch
 from fwagen.bench import SHAPES
 from fwagen.compiler import load_kernel
-from fwagen.launch import empty_lse, launch_backward, launch_forward
+from fwagen.launch import launch_backward
 from fwagen.problem import Problem
-from fwagen.space import default_variant
 from fwagen.timing import time_cuda
 from fwagen.variant import BackwardTileVariant
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from helpers import make_inputs  # noqa: E402
 
 
 def main(argv=None):
@@ -29,29 +23,22 @@ def main(argv=None):
     parser.add_argument("--variant", action="append")
     args = parser.parse_args(argv)
     for shape in [s for s in SHAPES if s.name in (args.shape or ["w24-n576"])]:
-        q, k, v, b, m = make_inputs(shape.windows, shape.heads, shape.n, shape.d, getattr(torch, args.dtype),
-                                    mask_windows=shape.nw, qkv_strided=True)
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        lse = empty_lse(q)
-        scale = shape.d ** -0.5
-        launch_forward(default_variant(Problem(shape.n, shape.d, args.dtype, True, True)), q, k, v, out, lse, b, m,
-                       scale)
-        dout = torch.randn_like(out)
+        x = backward_inputs(shape, args.dtype)
         images = shape.windows // shape.nw
         print(f"\n## {shape.name} {args.dtype} mask, {images} images")
         for text in args.variant or ["o64_n32_w4_b1", "o32_n32_w2_b2", "o32_n32_w4_b1"]:
             own, tile, wpb, blocks = map(int, re.fullmatch(r"o(\d+)_n(\d+)_w(\d+)_b(\d+)", text).groups())
             variant = BackwardTileVariant(Problem(shape.n, shape.d, args.dtype, True, True, "bwd"), own, tile, wpb,
                                           blocks)
-            loaded = load_kernel(variant, q.device.index)
+            loaded = load_kernel(variant, x.q.device.index)
             owners = shape.heads * variant.chunks_per_item
             natural = variant.grid(shape.windows, shape.heads, shape.nw, loaded.resident_blocks)[1]
             row = []
             for splits in [s for s in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32) if s <= images]:
                 groups = -(-images // wpb)
-                slot = (variant.key(), q.device.index, shape.windows, shape.heads, shape.nw)
+                slot = (variant.key(), x.q.device.index, shape.windows, shape.heads, shape.nw)
                 launch._plans[slot] = (loaded, owners * splits + owners * shape.nw * groups, splits)
-                t = time_cuda(lambda: launch_backward(variant, q, k, v, out, dout, lse, b, m, scale), reps=30)
+                t = time_cuda(lambda: launch_backward(variant, *x.backward_args()), reps=30)
                 row.append(f"s{splits}{'*' if splits == natural else ''} {t.median_ms:.3f}")
                 launch._plans.pop(slot)
             print(f"{text} (resident {loaded.resident_blocks}, {owners} owners): " + "  ".join(row))

@@ -339,8 +339,6 @@ class BackwardBench(_Inputs):
     def __init__(self, pclass: ProblemClass, device: int, arch: str):
         import torch
 
-        from .launch import empty_lse
-
         from .space import default_variant
 
         super().__init__(pclass, device, arch)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import jinja2
 
-from .variant import CUDA_TYPE, LSE_TYPE, ForwardVariant, SimtVariant, Variant
+from .variant import CUDA_TYPE, LSE_TYPE, Variant
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 TEMPLATE_FOR_KIND = {"mma": "fwd_mma.cu.j2", "simt": "fwd_simt.cu.j2", "bwd_mma": "bwd_mma.cu.j2",

@@ -1,0 +1,47 @@
+"""A bench shape's inputs for timing backward kernels directly: q, k, v as views of one qkv buffer, bias, shift mask,
+the default forward's output and log-sum-exp, and a random output gradient. Shared by the backward scripts here."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fwagen.launch import empty_lse, launch_forward
+from fwagen.problem import Problem
+from fwagen.space import default_variant
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from helpers import make_inputs  # noqa: E402
+
+
+@dataclass
+class BackwardInputs:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    bias: torch.Tensor
+    mask: torch.Tensor
+    out: torch.Tensor
+    dout: torch.Tensor
+    lse: torch.Tensor
+    scale: float
+    forward: object  # the forward variant that made out and lse
+
+    def launch_forward(self) -> None:
+        launch_forward(self.forward, self.q, self.k, self.v, self.out, self.lse, self.bias, self.mask, self.scale)
+
+    def backward_args(self) -> tuple:
+        """launch_backward's arguments after the variant."""
+        return self.q, self.k, self.v, self.out, self.dout, self.lse, self.bias, self.mask, self.scale
+
+
+def backward_inputs(shape, dtype: str) -> BackwardInputs:
+    q, k, v, b, m = make_inputs(shape.windows, shape.heads, shape.n, shape.d, getattr(torch, dtype),
+                                mask_windows=shape.nw, qkv_strided=True)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    x = BackwardInputs(q, k, v, b, m, out, torch.randn_like(out), empty_lse(q), shape.d ** -0.5,
+                       default_variant(Problem(shape.n, shape.d, dtype, True, True)))
+    x.launch_forward()
+    return x
