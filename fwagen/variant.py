@@ -348,15 +348,15 @@ class BackwardSimtVariant(_SplitBackward):
 class BackwardTileVariant(_SplitBackward):
     """Tensor-core backward (fp16/bf16) for windows of any size: the other side's rows come `tile_rows` at a time.
 
-    One launch runs two kinds of block, neither needing the other's results:
+    One launch runs two kinds of block, neither needing the other's results, after a prepass (`prepass`) that forms
+    D = rowsum(dO * O) of every row:
       * dQ blocks (the first heads x chunks x splits): `own_rows` query rows of one head (16 a warp) over the images
-        of a split, `windows_per_block` windows of one mask window at a time (a set of warps each, sharing the
-        (bias + mask) tiles); per key tile they recompute P and dS, accumulate dQ = dS K, and add the sets' dS,
-        summed in a fixed order, into the split's float32 dbias partial (global memory, each element owned by one
-        lane);
+        of a split, `windows_per_block` windows of one mask window at a time (a set of warps each, sharing the bias
+        and mask tiles); per key tile they recompute P and dS, accumulate dQ = dS K, and add the sets' dS, summed in
+        a fixed order, into the split's float32 dbias partial (global memory, each element owned by one thread);
       * dK/dV blocks (per `windows_per_block` windows of one mask window, head and chunk of `own_rows` keys) compute
         S^T and dP^T per query tile, so that P^T and dS^T feed dV = P^T dO and dK = dS^T Q from registers.
-    Windows of one mask window share their (bias + mask) tile, read once per group instead of once per window.
+    Both are two-stage cp.async pipelines: the next tile's operands load while the current one computes.
     """
 
     problem: Problem
