@@ -63,18 +63,24 @@ __device__ __forceinline__ void store_rows(const float (&acc)[DP / 8][4], T* dst
   }
 }
 
-// (bias + mask) * log2(e) of a ROWS x COLS block of scores, rows from row_first and columns from col_first, into
-// `add` in accumulator order [16-row group][8-column group][lane] (float4 a lane), so that a warp reads its part
-// without bank conflicts. TRANSPOSED: rows are keys and columns queries. -inf on keys past N; queries past N get 0
-// (their log-sum-exp of +inf zeroes P).
-template <int ROWS, int COLS, int N, int THREADS, bool HAS_BIAS, bool HAS_MASK, bool TRANSPOSED>
+// Where float4 `slot` of a tile of COLS columns in accumulator order [16-row group][8-column group][lane] starts, as
+// (row, column): a lane's four values are there, one column right (odd ones), and eight rows down (the last two).
+template <int COLS>
+__device__ __forceinline__ int2 accumulator_slot_origin(int slot) {
+  const int lane = slot % 32, j = (slot / 32) % (COLS / 8), group = slot / (32 * (COLS / 8));
+  return make_int2(group * 16 + lane / 4, j * 8 + (lane % 4) * 2);
+}
+
+// (bias + mask) * log2(e) of a ROWS x COLS block of scores (query rows from row_first, key columns from col_first)
+// into `add` in accumulator order, float4 a lane, so that a warp reads its part without bank conflicts. -inf on keys
+// past N; queries past N get 0 (their log-sum-exp of +inf zeroes P).
+template <int ROWS, int COLS, int N, int THREADS, bool HAS_BIAS, bool HAS_MASK>
 __device__ __forceinline__ void fill_logit_add(float* add, const float* bias_h, const float* mask_w, int row_first,
                                                int col_first) {
   for (int idx = threadIdx.x; idx < ROWS * COLS; idx += THREADS) {
-    const int e = idx % 4, lane = (idx / 4) % 32, j = (idx / 128) % (COLS / 8), group = idx / (128 * (COLS / 8));
-    const int row = row_first + group * 16 + lane / 4 + (e >= 2 ? 8 : 0);
-    const int col = col_first + j * 8 + (lane % 4) * 2 + (e & 1);
-    const int query = TRANSPOSED ? col : row, key = TRANSPOSED ? row : col;
+    const int e = idx % 4;
+    const int2 origin = accumulator_slot_origin<COLS>(idx / 4);
+    const int query = row_first + origin.x + (e >= 2 ? 8 : 0), key = col_first + origin.y + (e & 1);
     float a = 0.f;
     if (query < N && key < N) {
       if (HAS_BIAS) a += __ldg(bias_h + query * N + key);
