@@ -139,7 +139,13 @@ __device__ __forceinline__ void load_float_tile_async(float* smem, const float* 
 // Copy COUNT consecutive floats (src[0..COUNT), those at or past `valid` zero-filled) into shared memory.
 template <int COUNT, int THREADS>
 __device__ __forceinline__ void load_floats_async(float* smem, const float* src, int valid) {
-  for (int i = threadIdx.x; i < COUNT; i += THREADS) cp_async4(smem + i, i < valid ? src + i : src, i < valid ? 4 : 0);
+  constexpr int ITERS = (COUNT + THREADS - 1) / THREADS;  // unrolled: no loop bounds to compute at run time
+#pragma unroll
+  for (int it = 0; it < ITERS; ++it) {
+    const int i = threadIdx.x + it * THREADS;
+    if (COUNT % THREADS != 0 && i >= COUNT) break;
+    cp_async4(smem + i, i < valid ? src + i : src, i < valid ? 4 : 0);
+  }
 }
 
 }  // namespace fwagen
