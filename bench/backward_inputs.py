@@ -1,7 +1,9 @@
 """A bench shape's inputs for timing backward kernels directly: q, k, v as views of one qkv buffer, bias, shift mask,
-the default forward's output and log-sum-exp, and a random output gradient. Shared by the backward scripts here."""
+the default forward's output and log-sum-exp, and a random output gradient; and the knobs of a tiled variant from its
+short name. Shared by the backward scripts here."""
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,3 +47,11 @@ def backward_inputs(shape, dtype: str) -> BackwardInputs:
                        default_variant(Problem(shape.n, shape.d, dtype, True, True)))
     x.launch_forward()
     return x
+
+
+def tile_knobs(text: str) -> tuple[int, int, int, int]:
+    """A tiled backward variant's knobs from its short name: 'o64_n32_w4_b1' -> (64, 32, 4, 1)."""
+    match = re.fullmatch(r"o(\d+)_n(\d+)_w(\d+)_b(\d+)", text)
+    if match is None:
+        raise ValueError(f"variant {text!r}: expected o<own rows>_n<tile rows>_w<windows per block>_b<min blocks>")
+    return tuple(map(int, match.groups()))

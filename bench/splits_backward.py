@@ -3,9 +3,8 @@ Usage: python3 bench/splits_backward.py [--shape NAME ...] [--dtype bfloat16] [-
 from __future__ import annotations
 
 import argparse
-import re
 
-from backward_inputs import backward_inputs
+from backward_inputs import backward_inputs, tile_knobs
 
 from fwagen import launch
 from fwagen.bench import SHAPES
@@ -27,7 +26,7 @@ def main(argv=None):
         images = shape.windows // shape.nw
         print(f"\n## {shape.name} {args.dtype} mask, {images} images")
         for text in args.variant or ["o64_n32_w4_b1", "o32_n32_w2_b2", "o32_n32_w4_b1"]:
-            own, tile, wpb, blocks = map(int, re.fullmatch(r"o(\d+)_n(\d+)_w(\d+)_b(\d+)", text).groups())
+            own, tile, wpb, blocks = tile_knobs(text)
             variant = BackwardTileVariant(Problem(shape.n, shape.d, args.dtype, True, True, "bwd"), own, tile, wpb,
                                           blocks)
             loaded = load_kernel(variant, x.q.device.index)

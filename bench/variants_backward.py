@@ -4,9 +4,8 @@ Usage: python3 bench/variants_backward.py [--shape NAME ...] [--dtype bfloat16] 
 from __future__ import annotations
 
 import argparse
-import re
 
-from backward_inputs import backward_inputs
+from backward_inputs import backward_inputs, tile_knobs
 
 from fwagen.bench import SHAPES
 from fwagen.compiler import compile_variant, device_arch
@@ -25,8 +24,7 @@ def main(argv=None):
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--variant", action="append")
     args = parser.parse_args(argv)
-    knobs = [tuple(map(int, re.fullmatch(r"o(\d+)_n(\d+)_w(\d+)_b(\d+)", text).groups()))
-             for text in args.variant or DEFAULT_VARIANTS]
+    knobs = [tile_knobs(text) for text in args.variant or DEFAULT_VARIANTS]
     print("| shape | mask | variant | registers | spill bytes | backward ms |\n|---|---|---|---:|---:|---:|")
     for shape in [s for s in SHAPES if s.name in (args.shape or ["w12-n144", "w16-n256", "w24-n576"])]:
         x = backward_inputs(shape, args.dtype)
