@@ -168,7 +168,8 @@ def _backward_simt_candidates(problem: Problem):
 def _backward_tensor_core_candidates(problem: Problem):
     for stages, min_blocks in itertools.product((1, 2), (1, 2, 3, 4)):
         yield BackwardVariant(problem, stages=stages, min_blocks=min_blocks)
-    for own, tile, wpb, min_blocks in itertools.product((32, 64, 128), (32, 64), (1, 2, 4), (1, 2, 3, 4)):
+    # 48 rows: windows of 12 (144 tokens) without padding, and fewer, larger steps at 24 (576 tokens).
+    for own, tile, wpb, min_blocks in itertools.product((32, 48, 64, 128), (32, 48, 64), (1, 2, 4), (1, 2, 3, 4)):
         yield BackwardTileVariant(problem, own_rows=own, tile_rows=tile, windows_per_block=wpb, min_blocks=min_blocks)
 
 
@@ -191,15 +192,17 @@ def backward_candidates(problem: Problem, arch: str = "sm_90") -> tuple[list[Var
 _SIMT_BACKWARD_PREFERENCE = ((64, 32), (32, 32), (32, 16), (16, 16))
 
 
-# Tiled tensor-core backward defaults, most preferred first, as (own_rows, tile_rows, windows_per_block, min_blocks):
-# the fastest at windows 16 and 24 on an H100 (bench/splits_backward.py, bf16 with mask, at the split count the grid
-# rule picks: 1.41 and 3.23 ms for the first, 1.45 and 3.53 for the second, which also fits an A100's shared memory).
-_TILE_BACKWARD_PREFERENCE = ((64, 32, 4, 1), (32, 32, 2, 2), (32, 64, 4, 1), (64, 32, 2, 1), (32, 32, 1, 4))
+# Tiled tensor-core backward defaults, most preferred first, as (own_rows, tile_rows, windows_per_block, min_blocks).
+# On an H100 (bench/variants_backward.py, bf16, no mask / mask, backward kernel alone): the first ran windows 16 and
+# 24 in 1.13/1.25 and 2.50-2.54/2.83-2.86 ms, the second window 12 in 0.85/0.92 (o32_n32_w2_b2: 0.97/1.10) and window
+# 24 in 2.59-2.64/2.88-2.92; (32, 32, 2, 2) is the fastest that fits an A100's shared memory.
+_TILE_BACKWARD_PREFERENCE = ((64, 32, 4, 1), (48, 48, 4, 1), (32, 32, 2, 2), (32, 64, 4, 1), (64, 32, 2, 1),
+                             (32, 32, 1, 4))
 
 
 def _tile_preference(problem: Problem) -> list[BackwardTileVariant]:
     """_TILE_BACKWARD_PREFERENCE with the variants that pad the window's rows least first (at 144 tokens, 64-row
-    chunks compute 192 rows and 32-row ones 160: 1.39 against 1.14 ms on an H100), otherwise in the listed order."""
+    chunks compute 192 rows, 32-row ones 160 and 48-row ones 144), otherwise in the listed order."""
     variants = [BackwardTileVariant(problem, own_rows=own, tile_rows=tile, windows_per_block=wpb, min_blocks=blocks)
                 for own, tile, wpb, blocks in _TILE_BACKWARD_PREFERENCE]
     return sorted(variants, key=lambda v: v.chunks_per_item * v.own_rows - problem.n)  # stable: listed order next

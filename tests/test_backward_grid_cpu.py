@@ -25,7 +25,7 @@ RESIDENT = (1, 132, 264, 1056)
 def tile_variants(n, has_bias):
     problem = Problem(n, 32, "bfloat16", has_bias, True, "bwd")
     return [BackwardTileVariant(problem, own_rows=own, tile_rows=32, windows_per_block=wpb)
-            for own, wpb in itertools.product((32, 64), (1, 2, 4))]
+            for own, wpb in itertools.product((32, 48, 64), (1, 2, 4))]
 
 
 @pytest.mark.parametrize("n", [49, 144, 256, 576, 1024])
