@@ -243,8 +243,13 @@ from fwagen.recording import RecordingEvaluator
 from fwagen.registry import ProblemClass
 from fwagen.study import open_storage, tune_class
 
-recording, storage, slug, key, trials, seed, out, delay, die_after = sys.argv[1:]
+recording, storage, slug, key, trials, seed, out, delay, die_after, peers = sys.argv[1:]
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+# Start together: a worker that imports faster could otherwise finish the whole study before its peer starts.
+open(out + ".ready", "w").close()
+deadline = time.monotonic() + 120
+while not all(os.path.exists(p + ".ready") for p in peers.split(",") if p) and time.monotonic() < deadline:
+    time.sleep(0.01)
 
 class Replay(RecordingEvaluator):
     def evaluate(self, pclass, variant):
@@ -261,11 +266,13 @@ with open(out, "w") as handle:
 """
 
 
-def start_worker(tmp_path, storage, slug, pclass, trials, seed, delay=0.0, die_after=-1):
+def start_worker(tmp_path, storage, slug, pclass, trials, seed, delay=0.0, die_after=-1, peers=()):
+    """A tuning worker in its own process; it starts measuring once every worker of `peers` (seeds) is ready."""
     out = tmp_path / f"worker-{seed}.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    waits = ",".join(str(tmp_path / f"worker-{peer}.json") for peer in peers)
     process = subprocess.Popen([sys.executable, "-c", WORKER, str(RECORDING), storage, slug, pclass.key(),
-                                str(trials), str(seed), str(out), str(delay), str(die_after)], env=env,
+                                str(trials), str(seed), str(out), str(delay), str(die_after), waits], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return process, out
 
@@ -286,7 +293,8 @@ def test_a_killed_worker_is_resumed_without_losing_or_repeating_a_trial(tmp_path
 
 
 def two_workers(tmp_path, storage: str, slug: str, pclass=S3, trials=30):
-    workers = [start_worker(tmp_path, storage, slug, pclass, trials, seed, delay=0.02) for seed in (11, 12)]
+    workers = [start_worker(tmp_path, storage, slug, pclass, trials, seed, delay=0.02, peers=(11, 12))
+               for seed in (11, 12)]
     reports = []
     for process, out in workers:
         output, _ = process.communicate(timeout=300)
@@ -332,7 +340,8 @@ def postgres_url() -> str:
 def test_two_workers_share_one_postgresql_study(tmp_path):
     url = postgres_url()
     slug = f"test-{uuid.uuid4().hex[:8]}"  # a study of its own on a shared server
-    workers = [start_worker(tmp_path, url, slug, S3, 30, seed, delay=0.02) for seed in (21, 22)]
+    workers = [start_worker(tmp_path, url, slug, S3, 30, seed, delay=0.02, peers=(21, 22))
+               for seed in (21, 22)]
     reports = []
     for process, out in workers:
         output, _ = process.communicate(timeout=300)
