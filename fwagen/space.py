@@ -195,7 +195,7 @@ _SIMT_BACKWARD_PREFERENCE = ((64, 32), (32, 32), (32, 16), (16, 16))
 # Tiled tensor-core backward defaults, most preferred first, as (own_rows, tile_rows, windows_per_block, min_blocks).
 # On an H100 (bench/variants_backward.py, bf16, no mask / mask, backward kernel alone): the first ran windows 16 and
 # 24 in 1.13/1.25 and 2.50-2.54/2.83-2.86 ms, the second window 12 in 0.85/0.92 (o32_n32_w2_b2: 0.97/1.10) and window
-# 24 in 2.59-2.64/2.88-2.92; (32, 32, 2, 2) is the fastest that fits an A100's shared memory.
+# 24 in 2.59-2.64/2.88-2.92; (32, 32, 2, 2), next (0.97/1.10 at window 12), fits an A100's shared memory.
 _TILE_BACKWARD_PREFERENCE = ((64, 32, 4, 1), (48, 48, 4, 1), (32, 32, 2, 2), (32, 64, 4, 1), (64, 32, 2, 1),
                              (32, 32, 1, 4))
 
