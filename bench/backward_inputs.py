@@ -1,8 +1,9 @@
 """A bench shape's inputs for timing backward kernels directly: q, k, v as views of one qkv buffer, bias, shift mask,
-the default forward's output and log-sum-exp, and a random output gradient; and the knobs of a tiled variant from its
-short name. Shared by the backward scripts here."""
+the default forward's output and log-sum-exp, and a random output gradient; the knobs of a tiled variant from its
+short name; and the command-line arguments every backward script takes. Shared by the backward scripts here."""
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from fwagen.bench import SHAPES
 from fwagen.launch import empty_lse, launch_forward
 from fwagen.problem import Problem
 from fwagen.space import default_variant
@@ -55,3 +57,16 @@ def tile_knobs(text: str) -> tuple[int, int, int, int]:
     if match is None:
         raise ValueError(f"variant {text!r}: expected o<own rows>_n<tile rows>_w<windows per block>_b<min blocks>")
     return tuple(map(int, match.groups()))
+
+
+def script_arguments() -> argparse.ArgumentParser:
+    """The arguments of every backward script: --shape (repeatable) and --dtype; a script adds its own."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", action="append", choices=[s.name for s in SHAPES])
+    parser.add_argument("--dtype", default="bfloat16")
+    return parser
+
+
+def chosen_shapes(names: list[str] | None, default: list[str]) -> list:
+    """The bench shapes named on the command line (else `default`), in the bench's order."""
+    return [s for s in SHAPES if s.name in (names or default)]

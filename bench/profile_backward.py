@@ -4,14 +4,12 @@ Usage: python3 bench/profile_backward.py [--shape NAME ...] [--dtype bfloat16] [
 (--ncu: only launch the default backward a few times, for `ncu` to profile the last launch.)"""
 from __future__ import annotations
 
-import argparse
 
 import torch
-from backward_inputs import backward_inputs
+from backward_inputs import backward_inputs, chosen_shapes, script_arguments
 
 import fwagen
 from fwagen import launch
-from fwagen.bench import SHAPES
 from fwagen.launch import launch_backward
 from fwagen.problem import Problem
 from fwagen.space import default_backward
@@ -29,13 +27,11 @@ def dq_blocks_only(variant, q, mask):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--shape", action="append")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser = script_arguments()
     parser.add_argument("--ncu", action="store_true")
     args = parser.parse_args(argv)
     print(torch.cuda.get_device_name())
-    for shape in [s for s in SHAPES if s.name in (args.shape or ["w24-n576"])]:
+    for shape in chosen_shapes(args.shape, ["w24-n576"]):
         x = backward_inputs(shape, args.dtype)
         backward = default_backward(Problem(shape.n, shape.d, args.dtype, True, True, "bwd"))
         if args.ncu:

@@ -2,12 +2,10 @@
 Usage: python3 bench/splits_backward.py [--shape NAME ...] [--dtype bfloat16] [--variant o64_n32_w4_b1 ...]"""
 from __future__ import annotations
 
-import argparse
 
-from backward_inputs import backward_inputs, tile_knobs
+from backward_inputs import backward_inputs, chosen_shapes, script_arguments, tile_knobs
 
 from fwagen import launch
-from fwagen.bench import SHAPES
 from fwagen.compiler import load_kernel
 from fwagen.launch import launch_backward
 from fwagen.problem import Problem
@@ -16,12 +14,10 @@ from fwagen.variant import BackwardTileVariant
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--shape", action="append")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser = script_arguments()
     parser.add_argument("--variant", action="append")
     args = parser.parse_args(argv)
-    for shape in [s for s in SHAPES if s.name in (args.shape or ["w24-n576"])]:
+    for shape in chosen_shapes(args.shape, ["w24-n576"]):
         x = backward_inputs(shape, args.dtype)
         images = shape.windows // shape.nw
         print(f"\n## {shape.name} {args.dtype} mask, {images} images")

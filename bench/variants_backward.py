@@ -3,11 +3,9 @@ interleaved in one run: the A/B tool for a template change (run it in both check
 Usage: python3 bench/variants_backward.py [--shape NAME ...] [--dtype bfloat16] [--variant o64_n32_w4_b1 ...]"""
 from __future__ import annotations
 
-import argparse
 
-from backward_inputs import backward_inputs, tile_knobs
+from backward_inputs import backward_inputs, chosen_shapes, script_arguments, tile_knobs
 
-from fwagen.bench import SHAPES
 from fwagen.compiler import compile_variant, device_arch
 from fwagen.launch import launch_backward
 from fwagen.problem import Problem
@@ -19,14 +17,12 @@ DEFAULT_VARIANTS = ["o64_n32_w4_b1", "o32_n32_w2_b2", "o32_n32_w2_b3", "o64_n32_
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--shape", action="append")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser = script_arguments()
     parser.add_argument("--variant", action="append")
     args = parser.parse_args(argv)
     knobs = [tile_knobs(text) for text in args.variant or DEFAULT_VARIANTS]
     print("| shape | mask | variant | registers | spill bytes | backward ms |\n|---|---|---|---:|---:|---:|")
-    for shape in [s for s in SHAPES if s.name in (args.shape or ["w12-n144", "w16-n256", "w24-n576"])]:
+    for shape in chosen_shapes(args.shape, ["w12-n144", "w16-n256", "w24-n576"]):
         x = backward_inputs(shape, args.dtype)
         for mask in (None, x.mask):
             problem = Problem(shape.n, shape.d, args.dtype, True, mask is not None, "bwd")
