@@ -1,6 +1,6 @@
 """A bench shape's inputs for timing backward kernels directly: q, k, v as views of one qkv buffer, bias, shift mask,
-the default forward's output and log-sum-exp, and a random output gradient; the knobs of a tiled variant from its
-short name; and the command-line arguments every backward script takes. Shared by the backward scripts here."""
+the default forward's output and log-sum-exp, and a random output gradient; a backward variant from its short
+name; and the command-line arguments every backward script takes. Shared by the backward scripts here."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +15,7 @@ from fwagen.bench import SHAPES
 from fwagen.launch import empty_lse, launch_forward
 from fwagen.problem import Problem
 from fwagen.space import default_variant
+from fwagen.variant import BackwardTileVariant, BackwardVariant
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from helpers import make_inputs  # noqa: E402
@@ -51,12 +52,24 @@ def backward_inputs(shape, dtype: str) -> BackwardInputs:
     return x
 
 
-def tile_knobs(text: str) -> tuple[int, int, int, int]:
-    """A tiled backward variant's knobs from its short name: 'o64_n32_w4_b1' -> (64, 32, 4, 1)."""
-    match = re.fullmatch(r"o(\d+)_n(\d+)_w(\d+)_b(\d+)", text)
-    if match is None:
-        raise ValueError(f"variant {text!r}: expected o<own rows>_n<tile rows>_w<windows per block>_b<min blocks>")
-    return tuple(map(int, match.groups()))
+def backward_variant(problem: Problem, text: str):
+    """A backward variant from its short name: 'o64_n32_w4_b1' (tiled: own rows, tile rows, windows per block, min
+    blocks) or 's1_b1' (whole-window: stages, min blocks)."""
+    tiled = re.fullmatch(r"o(\d+)_n(\d+)_w(\d+)_b(\d+)", text)
+    if tiled is not None:
+        own, tile, wpb, blocks = map(int, tiled.groups())
+        return BackwardTileVariant(problem, own_rows=own, tile_rows=tile, windows_per_block=wpb, min_blocks=blocks)
+    whole = re.fullmatch(r"s(\d+)_b(\d+)", text)
+    if whole is not None:
+        stages, blocks = map(int, whole.groups())
+        return BackwardVariant(problem, stages=stages, min_blocks=blocks)
+    raise ValueError(f"variant {text!r}: expected o<own rows>_n<tile rows>_w<windows per block>_b<min blocks> (tiled) "
+                     "or s<stages>_b<min blocks> (whole-window)")
+
+
+def short_name(variant) -> str:
+    """The inverse of backward_variant: a variant's knobs as in its key, without the problem."""
+    return variant.key().rsplit(variant.problem.key() + "_", 1)[1]
 
 
 def script_arguments() -> argparse.ArgumentParser:

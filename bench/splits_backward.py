@@ -3,7 +3,7 @@ Usage: python3 bench/splits_backward.py [--shape NAME ...] [--dtype bfloat16] [-
 from __future__ import annotations
 
 
-from backward_inputs import backward_inputs, chosen_shapes, script_arguments, tile_knobs
+from backward_inputs import backward_inputs, backward_variant, chosen_shapes, script_arguments
 
 from fwagen import launch
 from fwagen.compiler import load_kernel
@@ -22,9 +22,10 @@ def main(argv=None):
         images = shape.windows // shape.nw
         print(f"\n## {shape.name} {args.dtype} mask, {images} images")
         for text in args.variant or ["o64_n32_w4_b1", "o32_n32_w2_b2", "o32_n32_w4_b1"]:
-            own, tile, wpb, blocks = tile_knobs(text)
-            variant = BackwardTileVariant(Problem(shape.n, shape.d, args.dtype, True, True, "bwd"), own, tile, wpb,
-                                          blocks)
+            variant = backward_variant(Problem(shape.n, shape.d, args.dtype, True, True, "bwd"), text)
+            if not isinstance(variant, BackwardTileVariant):
+                parser.error(f"--variant {text}: splits are timed for tiled variants only")
+            wpb = variant.windows_per_block
             loaded = load_kernel(variant, x.q.device.index)
             owners = shape.heads * variant.chunks_per_item
             natural = variant.grid(shape.windows, shape.heads, shape.nw, loaded.resident_blocks)[1]

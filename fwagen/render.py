@@ -20,7 +20,7 @@ _DERIVED = {
     "mma": ("head_dim_pad", "chunks_per_item", "m_tiles_per_warp", "warps_per_item", "key_tiles",
             "threads", "smem_row_elems"),
     "simt": ("chunks_per_item", "cols_per_thread", "threads"),
-    "bwd_mma": ("n_pad", "head_dim_pad", "threads", "smem_row_elems", "compact_smem"),
+    "bwd_mma": ("n_pad", "head_dim_pad", "threads", "smem_row_elems"),
     "bwd_simt": ("chunks_per_item", "cols_per_thread", "threads"),
     "bwd_tile": ("chunks_per_item", "head_dim_pad", "threads", "smem_row_elems", "smem_bytes"),
     "bwd_delta": ("threads",),
@@ -81,5 +81,6 @@ def helper_headers() -> dict[str, str]:
 
 
 def render(variant: Variant) -> str:
-    template = environment().get_template(TEMPLATE_FOR_KIND[variant.kind])
+    name = getattr(variant, "template", None) or TEMPLATE_FOR_KIND[variant.kind]  # a kind with layouts names its own
+    template = environment().get_template(name)
     return template.render(**template_values(variant))

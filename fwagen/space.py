@@ -13,8 +13,9 @@ from .variant import (BackwardSimtVariant, BackwardTileVariant, BackwardVariant,
                       Variant)
 
 MAX_THREADS = 512
-# The backward holds a window's keys whole: one warp per 16 query rows, P and dS rows of every key in registers
-# (n_pad floats a thread) beside the dQ accumulator; past these bounds ptxas spills (measured with ptxas -v).
+# The whole-window backward holds one warp per 16 query rows. Past 96 tokens a lane keeps n_pad / 2 dbias sums, the dQ
+# accumulator (head_dim_pad / 2) and its rows' q and dO fragments (head_dim_pad / 2) in registers: past this budget
+# ptxas spills (bwd_mma_large.cu.j2; measured with ptxas -v).
 MAX_BACKWARD_WINDOW = 144
 MAX_BACKWARD_ROW_REGISTERS = 176
 # Score and output accumulators live in registers: MT * (KT + DP) / 2 floats per thread. Past this bound
@@ -46,10 +47,12 @@ def static_violation(variant: Variant, arch: str = "sm_90") -> str | None:
     if variant.threads > MAX_THREADS or variant.threads % 32:
         return f"threads {variant.threads} not a multiple of 32 up to {MAX_THREADS}"
     if isinstance(variant, BackwardVariant):
-        if not variant.compact_smem and 3 * variant.n_pad + variant.head_dim_pad > MAX_ACCUMULATOR_COLUMNS:
+        if not variant.large_window and 3 * variant.n_pad + variant.head_dim_pad > MAX_ACCUMULATOR_COLUMNS:
             return "P, dS and dbias accumulators exceed the register budget"
-        if variant.compact_smem and variant.n_pad + variant.head_dim_pad // 2 > MAX_BACKWARD_ROW_REGISTERS:
-            return "a warp's P and dS rows and dQ accumulator exceed the register budget"
+        if variant.large_window and variant.stages != 1:
+            return "the large-window layout has one stage (the next window's k and v load during dK and dV)"
+        if variant.large_window and variant.n_pad // 2 + variant.head_dim_pad > MAX_BACKWARD_ROW_REGISTERS:
+            return "a lane's dbias sums, dQ accumulator and q and dO fragments exceed the register budget"
         return _min_blocks_violation(variant, arch)
     if isinstance(variant, BackwardTileVariant):
         if max(variant.own_rows, variant.tile_rows) > pad_to(variant.n_pad, 32):
@@ -214,7 +217,7 @@ def default_backward(problem: Problem, arch: str = "sm_90") -> Variant | None:
     (over 96 tokens padded) take the tiled kernel first: at 144 tokens it ran 1.14 ms against 1.45 on an H100."""
     legal, _ = backward_candidates(problem, arch)
     whole_window = [v for v in legal if isinstance(v, BackwardVariant)]
-    if whole_window and not whole_window[0].compact_smem:
+    if whole_window and not whole_window[0].large_window:
         # One stage, registers capped for three blocks per SM, measured fastest on an H200 for windows of 7 and 8
         # (bench/sweep_backward.py); the next legal choices follow.
         return min(whole_window, key=lambda v: (v.stages, abs(v.min_blocks - 3)))

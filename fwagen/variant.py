@@ -182,16 +182,17 @@ class SimtVariant:
         return windows * heads * self.chunks_per_item, 1
 
 
-COMPACT_BACKWARD_FROM = 96  # padded window size past which the backward uses its compact shared-memory layout
+LARGE_BACKWARD_FROM = 96  # padded window size past which the whole-window backward uses its large-window layout
 
 
 @dataclass(frozen=True)
 class BackwardVariant:
-    """Tensor-core backward (fp16/bf16) for windows whose padded size fits one tile.
+    """Tensor-core backward (fp16/bf16) for windows whose padded size fits one tile (up to 144 tokens).
 
     A block owns one (head, mask window) pair and walks its windows; warp w recomputes P for query rows
     [16w, 16w+16), forms dS and dQ, then computes dK and dV for key rows [16w, 16w+16) from P and dS staged in
-    shared memory. dbias is accumulated in shared memory over the block's windows and written once per block.
+    shared memory. dbias is summed over the block's windows and written once per block: in shared memory up to 96
+    tokens (bwd_mma.cu.j2), in registers past that (bwd_mma_large.cu.j2, `large_window`).
     """
 
     problem: Problem
@@ -213,19 +214,25 @@ class BackwardVariant:
         return 32 * (self.n_pad // 16)
 
     @property
-    def compact_smem(self) -> bool:
-        """Past 96 tokens the whole-window layout outgrows shared memory: the (bias + mask) term is then read
-        from global memory (L2) where it is used, and O is read directly for rowsum(dO * O), not staged."""
-        return self.n_pad > COMPACT_BACKWARD_FROM
+    def large_window(self) -> bool:
+        """Past 96 tokens the layout of small windows (two stages of q, k, v, dO and O, and the dbias sums in shared
+        memory) outgrows shared memory: one stage of q, k, v and dO then, O read from global memory a window ahead,
+        dbias summed in registers and P and dS formed 16 keys at a time (bwd_mma_large.cu.j2)."""
+        return self.n_pad > LARGE_BACKWARD_FROM
+
+    @property
+    def template(self) -> str:
+        return "bwd_mma_large.cu.j2" if self.large_window else "bwd_mma.cu.j2"
 
     @property
     def smem_bytes(self) -> int:
         elem = ELEMENT_BYTES[self.problem.dtype]
-        tiles_per_stage = 4 if self.compact_smem else 5  # q, k, v, dO (and O)
-        tiles = self.stages * tiles_per_stage * self.n_pad * self.smem_row_elems * elem
+        tile = self.n_pad * self.smem_row_elems * elem
         staged = 2 * self.n_pad * (self.n_pad + 8) * elem  # P and dS
-        logit_add = 0 if self.compact_smem else self.n_pad * self.n_pad * 4
-        return tiles + staged + logit_add + self.n_pad * self.n_pad * 4  # + the dbias sums
+        logit_add = self.n_pad * self.n_pad * 4
+        if self.large_window:
+            return 4 * tile + staged + logit_add  # q, k, v, dO
+        return self.stages * 5 * tile + staged + logit_add + self.n_pad * self.n_pad * 4  # + the dbias sums
 
     def grid(self, windows: int, heads: int, mask_windows: int, resident_blocks: int) -> tuple[int, int]:
         # Whole (head, mask window) pairs per block keep dbias one partial sum per block; as many splits of

@@ -7,6 +7,31 @@
 
 namespace fwagen {
 
+// The A-operand fragments of 16 rows of a [row][DP] tile (one 16-column slice per kk).
+template <int DP, int PITCH, typename T>
+__device__ __forceinline__ void load_row_fragments(unsigned (&a)[DP / 16][4], const T* rows, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < DP / 16; ++kk) ldmatrix_x4(a[kk], rows + (lane % 16) * PITCH + kk * 16 + (lane / 16) * 8);
+}
+
+// s (16 x COLS) = 16 rows, as loaded by load_row_fragments, * the COLS rows of a [row][DP] tile, transposed.
+template <typename T, int DP, int PITCH, int COLS>
+__device__ __forceinline__ void fragments_times_cols(float (&s)[COLS / 8][4], const unsigned (&a)[DP / 16][4],
+                                                     const T* cols, int lane) {
+#pragma unroll
+  for (int j = 0; j < COLS / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < DP / 16; ++kk) {
+#pragma unroll
+    for (int jj = 0; jj < COLS / 16; ++jj) {
+      unsigned b[4];
+      ldmatrix_x4(b, cols + (jj * 16 + (lane / 16) * 8 + lane % 8) * PITCH + kk * 16 + ((lane / 8) % 2) * 8);
+      mma16816<T>(s[2 * jj], a[kk], b[0], b[1]);
+      mma16816<T>(s[2 * jj + 1], a[kk], b[2], b[3]);
+    }
+  }
+}
+
 // s (16 x COLS) = 16 rows of a [row][DP] tile * the COLS rows of another, transposed.
 template <typename T, int DP, int PITCH, int COLS>
 __device__ __forceinline__ void rows_times_cols(float (&s)[COLS / 8][4], const T* rows, const T* cols, int lane) {

@@ -10,7 +10,8 @@ import fwagen
 from fwagen.problem import Problem
 from fwagen.reference import window_attention_reference
 from fwagen.launch import launch_backward
-from fwagen.space import backward_candidates, default_backward
+from fwagen.space import backward_candidates, default_backward, static_violation
+from fwagen.variant import BackwardVariant
 
 from helpers import DTYPES, make_inputs
 
@@ -94,13 +95,13 @@ def test_swin_stage1_uses_the_backward_kernel_and_matches():
     run_case(256, 3, 49, 32, torch.float16, bias=True, mask_windows=64, qkv_strided=True, token_major=True)
 
 
-def test_swin_window12_uses_the_tiled_backward_kernel_and_the_compact_whole_window_one_matches_too():
+def test_swin_window12_uses_the_tiled_backward_kernel_and_the_large_window_whole_window_one_matches_too():
     problem = Problem(144, 32, "bfloat16", True, True, "bwd")
     assert default_backward(problem).kind == "bwd_tile"
     run_case(128, 4, 144, 32, torch.bfloat16, bias=True, mask_windows=16, qkv_strided=True, token_major=True)
-    compact = [v for v in backward_candidates(problem)[0] if v.kind == "bwd_mma"]  # the tuner may still pick these
-    assert compact and all(v.compact_smem for v in compact)
-    check_variants(problem, 64, 4, 16, compact[:2])
+    whole = [v for v in backward_candidates(problem)[0] if v.kind == "bwd_mma"]  # the tuner may still pick these
+    assert whole and all(v.large_window for v in whole)
+    check_variants(problem, 64, 4, 16, whole[:2])
 
 
 def test_float32_uses_the_cuda_core_and_window24_the_tiled_backward_kernel_and_both_match():
@@ -174,6 +175,27 @@ def test_tiled_variants_match_float64_autograd(case):
     variants = tiled_variants(problem)
     assert len(variants) >= 2
     check_variants(problem, windows, heads, mask_windows, variants)
+
+
+# The whole-window kernel's large-window layout (bwd_mma_large.cu.j2: 97 to 144 tokens), which only tuning picks, as
+# (problem, windows, heads, mask windows): blocks that walk several windows (dbias summed in registers across them),
+# padded keys and rows (100, 120 tokens), head dims 16, 32 and 64, with and without bias and mask.
+LARGE_WINDOW_CASES = [
+    (Problem(144, 32, "bfloat16", True, True, "bwd"), 256, 2, 4),
+    (Problem(144, 32, "float16", True, False, "bwd"), 400, 2, 0),
+    (Problem(100, 32, "bfloat16", False, True, "bwd"), 24, 3, 4),
+    (Problem(120, 16, "float16", True, True, "bwd"), 48, 2, 8),
+    (Problem(112, 64, "bfloat16", True, False, "bwd"), 300, 1, 0),
+    (Problem(144, 16, "float16", False, False, "bwd"), 7, 3, 0),
+]
+
+
+@pytest.mark.parametrize("case", LARGE_WINDOW_CASES, ids=lambda c: c[0].key())
+def test_large_window_whole_window_kernel_matches_float64_autograd(case):
+    problem, windows, heads, mask_windows = case
+    variant = BackwardVariant(problem)
+    assert variant.large_window and static_violation(variant) is None
+    check_variants(problem, windows, heads, mask_windows, [variant])
 
 
 def test_mask_requiring_grad_is_refused():

@@ -55,7 +55,7 @@ PROBLEMS = [
     Problem(1024, 8, "float32", False, False),
 ]
 # Whole-window backward kernels (fp16/bf16): every legal one of these compiles for sm_90, the defaults for sm_80 too.
-# Windows up to 96 tokens use the whole-window layout, 100 and 144 the compact one.
+# Windows up to 96 tokens use the small-window layout, 100 and 144 the large-window one (bwd_mma_large.cu.j2).
 BACKWARD_PROBLEMS = [
     Problem(1, 16, "float16", True, True, "bwd"),
     Problem(9, 64, "bfloat16", False, True, "bwd"),
@@ -239,8 +239,8 @@ def test_backward_kinds_by_window_and_dtype_and_why_the_whole_window_kernel_stop
     for n in (49, 64, 100, 144):
         problem = Problem(n, 32, "float16", True, True, "bwd")
         legal, _ = backward_candidates(problem, "sm_90")
-        assert any(v.kind == "bwd_mma" and v.compact_smem == (n > 96) for v in legal)  # the tuner may pick it
-        # By default the compact whole-window layout gives way to the tiled kernel (measured faster at 144).
+        assert any(v.kind == "bwd_mma" and v.large_window == (n > 96) for v in legal)  # the tuner may pick it
+        # By default the large-window layout gives way to the tiled kernel (measured faster at 144).
         assert default_backward(problem, "sm_90").kind == ("bwd_tile" if n > 96 else "bwd_mma")
     legal, pruned = backward_candidates(Problem(256, 32, "float16", True, True, "bwd"), "sm_90")
     assert legal and {v.kind for v in legal} == {"bwd_tile"}

@@ -44,7 +44,7 @@ def backward_variants():
 
 def test_backward_parameters_match_the_packed_buffer():
     variants = backward_variants()
-    assert {(v.kind, getattr(v, "compact_smem", None)) for v in variants} == {
+    assert {(v.kind, getattr(v, "large_window", None)) for v in variants} == {
         ("bwd_mma", False), ("bwd_mma", True), ("bwd_tile", None), ("bwd_simt", None)}
     for variant in variants:
         assert packed_codes(render(variant)) == _BACKWARD_ARGS.format.lstrip("@"), variant.key()
