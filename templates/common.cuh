@@ -110,6 +110,42 @@ __device__ __forceinline__ void load_tile_async(T* smem, const T* base, int row_
   }
 }
 
+// The same tile copy in two halves, for a tile whose shared-memory rows are still in use when its load should start:
+// fetch_tile_to_registers issues the global loads (16 bytes a thread per step, zeros where load_tile_async
+// zero-fills), store_tile_from_registers writes them to shared memory once the rows are free.
+template <typename T, int ROWS, int COLS, int THREADS>
+struct TileInRegisters {
+  static constexpr int VEC = 16 / sizeof(T);
+  static constexpr int PER_ROW = COLS / VEC;
+  static constexpr int CHUNKS = ROWS * PER_ROW;
+  static constexpr int ITERS = (CHUNKS + THREADS - 1) / THREADS;
+  uint4 chunk[ITERS];
+};
+
+template <typename T, int ROWS, int COLS, int THREADS>
+__device__ __forceinline__ void fetch_tile_to_registers(TileInRegisters<T, ROWS, COLS, THREADS>& tile, const T* base,
+                                                        int row_stride, int valid_rows, int valid_cols) {
+  using Tile = TileInRegisters<T, ROWS, COLS, THREADS>;
+#pragma unroll
+  for (int i = 0; i < Tile::ITERS; ++i) {
+    const unsigned c = threadIdx.x + i * THREADS;
+    const int r = c / Tile::PER_ROW, col = (c % Tile::PER_ROW) * Tile::VEC;
+    const bool in = (Tile::CHUNKS % THREADS == 0 || c < Tile::CHUNKS) && r < valid_rows && col < valid_cols;
+    tile.chunk[i] = in ? __ldg(reinterpret_cast<const uint4*>(base + r * row_stride + col)) : make_uint4(0, 0, 0, 0);
+  }
+}
+
+template <int PITCH, typename T, int ROWS, int COLS, int THREADS>
+__device__ __forceinline__ void store_tile_from_registers(T* smem, const TileInRegisters<T, ROWS, COLS, THREADS>& tile) {
+  using Tile = TileInRegisters<T, ROWS, COLS, THREADS>;
+#pragma unroll
+  for (int i = 0; i < Tile::ITERS; ++i) {
+    const unsigned c = threadIdx.x + i * THREADS;
+    if (Tile::CHUNKS % THREADS != 0 && c >= Tile::CHUNKS) break;
+    *reinterpret_cast<uint4*>(smem + (c / Tile::PER_ROW) * PITCH + (c % Tile::PER_ROW) * Tile::VEC) = tile.chunk[i];
+  }
+}
+
 // Copy a ROWS x COLS block of a row-major float matrix with MATRIX_COLS columns (rows from first_row, columns from
 // first_col) into shared memory with row pitch SPITCH floats. Elements at or past `valid` in either direction are
 // zero-filled. 16-byte copies where every row starts 16-byte aligned (MATRIX_COLS % 4 == 0), else 4-byte ones.
