@@ -211,16 +211,27 @@ def _tile_preference(problem: Problem) -> list[BackwardTileVariant]:
     return sorted(variants, key=lambda v: v.chunks_per_item * v.own_rows - problem.n)  # stable: listed order next
 
 
+# The large-window whole-window backward is the default up to this head dim, where it was measured; wider heads (64 fits
+# up to 128 tokens) spill more and are left to the tiled kernel unless tuning picks it.
+LARGE_WINDOW_DEFAULT_HEAD_DIM = 32
+
+
 def default_backward(problem: Problem, arch: str = "sm_90") -> Variant | None:
-    """The untuned backward kernel for `problem`: compiled on `arch` without spills; None where none is legal
-    (the op then differentiates the PyTorch reference). Windows whose whole-window kernel needs the compact layout
-    (over 96 tokens padded) take the tiled kernel first: at 144 tokens it ran 1.14 ms against 1.45 on an H100."""
+    """The untuned backward kernel for `problem`: compiled on `arch` without spills (the large-window layout: within
+    the tuner's allowance); None where none is legal (the op then differentiates the PyTorch reference)."""
     legal, _ = backward_candidates(problem, arch)
     whole_window = [v for v in legal if isinstance(v, BackwardVariant)]
     if whole_window and not whole_window[0].large_window:
         # One stage, registers capped for three blocks per SM, measured fastest on an H200 for windows of 7 and 8
         # (bench/sweep_backward.py); the next legal choices follow.
         return min(whole_window, key=lambda v: (v.stages, abs(v.min_blocks - 3)))
+    if whole_window and problem.head_dim <= LARGE_WINDOW_DEFAULT_HEAD_DIM:
+        # Past 96 tokens, the large-window layout (its one legal variant) ran window 12 in 0.48/0.52 ms against
+        # 0.85/0.93 for the tiled default (H100, bf16, no mask/mask, bench/variants_backward.py). It parks a few
+        # loop-invariant values in local memory (40 B at 144 tokens with a bias), which resource_violation allows.
+        variant = whole_window[0]
+        if resource_violation(variant, compile_variant(variant, arch).resources) is None:
+            return variant
     tiled = [v for v in legal if isinstance(v, BackwardTileVariant)]
     cuda_core = [v for v in legal if isinstance(v, BackwardSimtVariant)]
     tpr = max(1, problem.head_dim // 16)

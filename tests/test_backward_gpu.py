@@ -95,13 +95,11 @@ def test_swin_stage1_uses_the_backward_kernel_and_matches():
     run_case(256, 3, 49, 32, torch.float16, bias=True, mask_windows=64, qkv_strided=True, token_major=True)
 
 
-def test_swin_window12_uses_the_tiled_backward_kernel_and_the_large_window_whole_window_one_matches_too():
+def test_swin_window12_uses_the_large_window_backward_kernel_and_matches():
     problem = Problem(144, 32, "bfloat16", True, True, "bwd")
-    assert default_backward(problem).kind == "bwd_tile"
+    variant = default_backward(problem)
+    assert variant.kind == "bwd_mma" and variant.large_window
     run_case(128, 4, 144, 32, torch.bfloat16, bias=True, mask_windows=16, qkv_strided=True, token_major=True)
-    whole = [v for v in backward_candidates(problem)[0] if v.kind == "bwd_mma"]  # the tuner may still pick these
-    assert whole and all(v.large_window for v in whole)
-    check_variants(problem, 64, 4, 16, whole[:2])
 
 
 def test_float32_uses_the_cuda_core_and_window24_the_tiled_backward_kernel_and_both_match():
