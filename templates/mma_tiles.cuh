@@ -69,6 +69,27 @@ __device__ __forceinline__ void accumulate_times_tile(float (&acc)[DP / 8][4], c
   }
 }
 
+// acc (16 keys x DP) = the sum over ROWS rows of X^T * rows, where X is a [row][key] tile (row pitch XPITCH) read from
+// key column key0 and rows a [row][DP] tile: dV = P^T dO and dK = dS^T Q of 16 keys, from P and dS staged whole.
+template <typename T, int DP, int PITCH, int ROWS, int XPITCH>
+__device__ __forceinline__ void transposed_times_rows(float (&acc)[DP / 8][4], const T* x, const T* rows, int key0,
+                                                      int lane) {
+#pragma unroll
+  for (int j = 0; j < DP / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < ROWS / 16; ++kk) {
+    unsigned a[4];
+    ldmatrix_x4_trans(a, x + (kk * 16 + (lane / 16) * 8 + lane % 8) * XPITCH + key0 + ((lane / 8) % 2) * 8);
+#pragma unroll
+    for (int dd = 0; dd < DP / 16; ++dd) {
+      unsigned b[4];
+      ldmatrix_x4_trans(b, rows + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * PITCH + dd * 16 + (lane / 16) * 8);
+      mma16816<T>(acc[2 * dd], a, b[0], b[1]);
+      mma16816<T>(acc[2 * dd + 1], a, b[2], b[3]);
+    }
+  }
+}
+
 // Write a 16 x DP accumulator (rows row0.., times scale) through a row stride; rows >= N and columns >= D skipped.
 template <typename T, int N, int D, int DP>
 __device__ __forceinline__ void store_rows(const float (&acc)[DP / 8][4], T* dst, int row_stride, int row0,
