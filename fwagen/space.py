@@ -14,8 +14,8 @@ from .variant import (BackwardSimtVariant, BackwardTileVariant, BackwardVariant,
 
 MAX_THREADS = 512
 # The whole-window backward holds one warp per 16 query rows. Past 96 tokens a lane keeps n_pad / 2 dbias sums, the dQ
-# accumulator (head_dim_pad / 2) and its rows' q and dO fragments (head_dim_pad / 2) in registers: past this budget
-# ptxas spills (bwd_mma_large.cu.j2; measured with ptxas -v).
+# accumulator (head_dim_pad / 2) and its rows' q fragments (head_dim_pad / 4) in registers beside the products of one
+# key tile: past this budget ptxas spills (bwd_mma_large.cu.j2; measured with ptxas -v).
 MAX_BACKWARD_WINDOW = 144
 MAX_BACKWARD_ROW_REGISTERS = 176
 # Score and output accumulators live in registers: MT * (KT + DP) / 2 floats per thread. Past this bound
@@ -211,8 +211,9 @@ def _tile_preference(problem: Problem) -> list[BackwardTileVariant]:
     return sorted(variants, key=lambda v: v.chunks_per_item * v.own_rows - problem.n)  # stable: listed order next
 
 
-# The large-window whole-window backward is the default up to this head dim, where it was measured; wider heads (64 fits
-# up to 128 tokens) spill more and are left to the tiled kernel unless tuning picks it.
+# The large-window whole-window backward is the default up to this head dim (measured at 32, on an H100 and an H200;
+# narrower heads hold fewer registers); wider ones (64 fits up to 128 tokens) spill more and are left to the tiled
+# kernel unless tuning picks it.
 LARGE_WINDOW_DEFAULT_HEAD_DIM = 32
 
 
@@ -227,7 +228,7 @@ def default_backward(problem: Problem, arch: str = "sm_90") -> Variant | None:
         return min(whole_window, key=lambda v: (v.stages, abs(v.min_blocks - 3)))
     if whole_window and problem.head_dim <= LARGE_WINDOW_DEFAULT_HEAD_DIM:
         # Past 96 tokens, the large-window layout (its one legal variant) ran window 12 in 0.48/0.52 ms against
-        # 0.85/0.93 for the tiled default (H100, bf16, no mask/mask, bench/variants_backward.py). It parks a few
+        # 0.85/0.93 for the tiled default (H100, bf16, no mask/mask, bench/variants_backward.py; the same on an H200). It parks a few
         # loop-invariant values in local memory (40 B at 144 tokens with a bias), which resource_violation allows.
         variant = whole_window[0]
         if resource_violation(variant, compile_variant(variant, arch).resources) is None:
