@@ -1,5 +1,6 @@
-"""Time backward variants (tiled, or 's1_b1' for the whole-window kernel) at their own grid rule, with and without the shift mask, as CUDA-graph replays
-interleaved in one run: the A/B tool for a template change (run it in both checkouts on one warm GPU).
+"""Time backward variants (tiled, or 's1_b1' for the whole-window kernel) at their own grid rule, with and without the
+shift mask, as CUDA-graph replays interleaved in one run: the A/B tool for a template change (run it in both checkouts
+on one warm GPU).
 Usage: python3 bench/variants_backward.py [--shape NAME ...] [--dtype bfloat16] [--variant o64_n32_w4_b1 ...]
        [--variant s1_b1 ...]"""
 from __future__ import annotations
