@@ -216,8 +216,8 @@ class BackwardVariant:
     @property
     def large_window(self) -> bool:
         """Past 96 tokens the layout of small windows (`stages` stages of q, k, v, dO and O, and the dbias sums in
-        shared memory) outgrows shared memory: one stage of q, k, v and dO then, O read from global memory a window ahead,
-        dbias summed in registers and P and dS formed 16 keys at a time (bwd_mma_large.cu.j2)."""
+        shared memory) outgrows shared memory: one stage of q, k, v and dO then, O read from global memory a window
+        ahead, dbias summed in registers and P and dS formed 16 keys at a time (bwd_mma_large.cu.j2)."""
         return self.n_pad > LARGE_BACKWARD_FROM
 
     @property
