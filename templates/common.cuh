@@ -9,6 +9,10 @@
 #ifndef INFINITY
 #define INFINITY __int_as_float(0x7f800000)
 #endif
+// The running row maximum of an online softmax before any key: the lowest finite float, not -inf, so that a
+// row whose first keys are all masked with -inf computes exp2(-inf - this) = 0 and a rescale of exp2(0) = 1
+// instead of exp2(-inf + inf) = NaN; the first finite logit then rescales by exp2(-huge) = 0.
+#define FWAGEN_NO_MAX_YET (-3.402823466e+38f)
 
 namespace fwagen {
 

@@ -28,6 +28,16 @@ def make_inputs(windows, heads, n, d, dtype, *, bias=True, mask_windows=0, qkv_s
     return q, k, v, b, m
 
 
+def minus_inf_mask(mask_windows, n, device="cuda"):
+    """A mask of -inf (where Swin uses a finite -100): in window w, every third row from row w % 3 blocks its
+    first three quarters of keys, so whole leading key tiles of those rows hold nothing but -inf. Every row
+    keeps its last quarter, so no row is fully masked."""
+    m = torch.zeros(mask_windows, n, n, device=device)
+    for w in range(mask_windows):
+        m[w, w % 3::3, : (3 * n) // 4] = float("-inf")
+    return m
+
+
 def reference64(q, k, v, b, m, scale=None):
     return window_attention_reference(q.double(), k.double(), v.double(), None if b is None else b.double(),
                                       None if m is None else m.double(), scale)

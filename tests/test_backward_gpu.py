@@ -13,7 +13,7 @@ from fwagen.launch import launch_backward
 from fwagen.space import backward_candidates, default_backward, static_violation
 from fwagen.variant import BackwardVariant
 
-from helpers import DTYPES, make_inputs
+from helpers import DTYPES, make_inputs, minus_inf_mask
 
 pytestmark = pytest.mark.gpu
 
@@ -45,9 +45,10 @@ def gradients(q, k, v, b, m, grad_out, fn):
     return [t.grad for t in leaves] + ([bias.grad] if bias is not None else [])
 
 
-def run_case(windows, heads, n, d, dtype, *, bias, mask_windows, qkv_strided, token_major):
+def run_case(windows, heads, n, d, dtype, *, bias, mask_windows, qkv_strided, token_major, mask=None):
     q, k, v, b, m = make_inputs(windows, heads, n, d, dtype, bias=bias, mask_windows=mask_windows,
                                 qkv_strided=qkv_strided)
+    m = m if mask is None else mask
     layout = "bnc" if token_major else "bhnd"
     grad_shape = (windows, n, heads * d) if token_major else (windows, heads, n, d)
     grad_out = torch.randn(grad_shape, device="cuda").to(dtype)
@@ -194,6 +195,13 @@ def test_large_window_whole_window_kernel_matches_float64_autograd(case):
     variant = BackwardVariant(problem)
     assert variant.large_window and static_violation(variant) is None
     check_variants(problem, windows, heads, mask_windows, [variant])
+
+
+@pytest.mark.parametrize("n, dtype", [(49, "float16"), (144, "bfloat16"), (576, "bfloat16"), (100, "float32")])
+def test_minus_inf_mask_gradients_match_float64_autograd(n, dtype):
+    # -inf logits must give p = 0 and no gradient, never inf - inf = NaN, in every backward layout.
+    run_case(6, 2, n, 32, DTYPES[dtype], bias=True, mask_windows=3, qkv_strided=False, token_major=False,
+             mask=minus_inf_mask(3, n))
 
 
 def test_mask_requiring_grad_is_refused():

@@ -14,7 +14,7 @@ from fwagen.problem import Problem
 from fwagen.reference import log_sum_exp_reference
 from fwagen.space import candidates, default_variant, resource_violation
 
-from helpers import DTYPES, allowed_error, make_inputs, reference64
+from helpers import DTYPES, allowed_error, make_inputs, minus_inf_mask, reference64
 
 pytestmark = pytest.mark.gpu
 
@@ -96,6 +96,22 @@ def test_every_legal_variant_matches_reference(problem):
                                 bias=problem.has_bias, mask_windows=7 if problem.has_mask else 0, qkv_strided=True)
     for variant in runnable:
         check(variant, q, k, v, b, m, token_major=True)
+
+
+@pytest.mark.parametrize("n, dtype", [(49, "float16"), (144, "bfloat16"), (576, "float16"), (100, "float32")])
+def test_minus_inf_mask_over_leading_key_tiles_matches_reference(n, dtype):
+    # A row whose first key tiles are all -inf must give the softmax of its later keys, not NaN: the online
+    # softmax starts from a -inf maximum there. Every legal variant, since each splits the keys differently.
+    problem = Problem(n, 32, dtype, True, True)
+    arch = device_arch()
+    legal, _ = candidates(problem, arch)
+    with ThreadPoolExecutor(8) as pool:
+        compiled = list(pool.map(lambda var: compile_variant(var, arch), legal))
+    runnable = [var for var, c in zip(legal, compiled) if resource_violation(var, c.resources) is None]
+    q, k, v, b, _ = make_inputs(6, 2, n, 32, DTYPES[dtype])
+    m = minus_inf_mask(3, n)
+    for variant in runnable:
+        check(variant, q, k, v, b, m)
 
 
 def test_op_matches_reference_and_takes_qkv_views_in_place():
