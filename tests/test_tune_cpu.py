@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RECORDING = Path(__file__).resolve().parent / "data" / "h200-forward-sweep.jsonl"
 S1 = ProblemClass.from_key("fwd_n49_d32_float16_bm_x16384")  # Swin-T stage 1, 211 legal variants
 S3 = ProblemClass.from_key("fwd_n49_d32_float16_bm_x4096")  # Swin-T stage 3
-N144 = ProblemClass.from_key("fwd_n144_d32_float16_bm_x4096")  # the largest recorded class, 268 variants
+N144 = ProblemClass.from_key("fwd_n144_d32_float16_bm_x4096")  # the largest recorded class, 376 variants
 N576 = ProblemClass.from_key("fwd_n576_d32_float16_bm_x4096")  # 119 variants: swept exhaustively
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
