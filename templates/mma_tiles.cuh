@@ -123,6 +123,8 @@ __device__ __forceinline__ int2 accumulator_slot_origin(int slot) {
 template <int ROWS, int COLS, int N, int THREADS, bool HAS_BIAS, bool HAS_MASK>
 __device__ __forceinline__ void fill_logit_add(float* add, const float* bias_h, const float* mask_w, int row_first,
                                                int col_first) {
+  // Unrolled for several global loads in flight a thread: one at a time leaves the block waiting on L2 latency.
+#pragma unroll 8
   for (int idx = threadIdx.x; idx < ROWS * COLS; idx += THREADS) {
     const int e = idx % 4;
     const int2 origin = accumulator_slot_origin<COLS>(idx / 4);
