@@ -165,6 +165,7 @@ def test_launch_is_capturable_in_a_cuda_graph():
 
 def test_small_grid_for_sanitizer():
     """A few tiny launches; the device run executes this one under compute-sanitizer."""
-    for dtype, n, d in (("float16", 49, 32), ("bfloat16", 9, 16), ("float32", 25, 64), ("float16", 100, 128)):
+    for dtype, n, d in (("float16", 49, 32), ("bfloat16", 9, 16), ("float32", 25, 64), ("float16", 100, 128),
+                        ("bfloat16", 144, 32)):
         q, k, v, b, m = make_inputs(4, 2, n, d, DTYPES[dtype], mask_windows=2, qkv_strided=True)
         check(default_variant(Problem(n, d, dtype, True, True)), q, k, v, b, m, token_major=True)
