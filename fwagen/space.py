@@ -9,8 +9,8 @@ import itertools
 
 from .compiler import DEFAULT_MAX_SMEM, MAX_SMEM_PER_BLOCK, Resources, compile_variant
 from .problem import Problem, pad_to
-from .variant import (BackwardSimtVariant, BackwardTileVariant, BackwardVariant, ForwardVariant, SimtVariant,
-                      Variant)
+from .variant import (BackwardSimtVariant, BackwardTileVariant, BackwardVariant, ForwardStreamVariant, ForwardVariant,
+                      SimtVariant, Variant)
 
 MAX_THREADS = 512
 # The whole-window backward holds one warp per 16 query rows. Past 96 tokens a lane keeps n_pad / 2 dbias sums, the dQ
@@ -99,6 +99,9 @@ def resource_violation(variant: Variant, resources: Resources) -> str | None:
     return None
 
 
+STREAM_ADD_FROM = 256  # padded window size from which the forward space also streams the (bias + mask) term
+
+
 def _mma_candidates(problem: Problem):
     n_pad = pad_to(problem.n, 16)
     # A third of the window where that is whole m tiles (48 of 144 tokens at window 12): three equal query
@@ -110,6 +113,12 @@ def _mma_candidates(problem: Problem):
     for wpb, rpw, qc, kt, st, mb in itertools.product((1, 2, 4), (16, 32), chunks, tiles, (1, 2), (1, 4, 6)):
         yield ForwardVariant(problem, windows_per_block=wpb, query_chunk=qc, rows_per_warp=rpw,
                              key_tile=kt, stages=st, min_blocks=mb)
+    # From 256 tokens the resident term of a 64-row chunk takes 64 KB and more of shared memory: there, the same
+    # knobs with the term streamed beside K and V, two stages, and the block counts the freed memory allows.
+    if n_pad >= STREAM_ADD_FROM and (problem.has_bias or problem.has_mask):
+        for wpb, rpw, qc, kt, mb in itertools.product((1, 2, 4), (16, 32), chunks, (16, 32, 64), (1, 2, 3)):
+            yield ForwardStreamVariant(problem, windows_per_block=wpb, query_chunk=qc, rows_per_warp=rpw,
+                                       key_tile=kt, stages=2, min_blocks=mb)
 
 
 def _simt_candidates(problem: Problem):

@@ -43,6 +43,7 @@ class ForwardVariant:
     min_blocks: int = 1  # __launch_bounds__ minimum blocks per SM: caps registers to raise occupancy
 
     kind = "mma"
+    stream_add = False  # the (bias + mask) term resident for the block's query chunk (ForwardStreamVariant: streamed)
 
     # --- identity -------------------------------------------------------------------------------
     def knobs(self) -> dict:
@@ -102,6 +103,12 @@ class ForwardVariant:
         return self.query_chunk * self.key_tiles * self.key_tile * 4
 
     @property
+    def add_pitch(self) -> int:
+        """Row pitch, in floats, of a streamed bias or mask tile: 8 mod 32, so that a warp's float2 reads of
+        eight rows are conflict-free."""
+        return pad_to(self.key_tile, 32) + 8
+
+    @property
     def smem_bytes(self) -> int:
         rows_per_stage = self.windows_per_block * (self.query_chunk + 2 * self.key_tile)
         tiles = self.stages * rows_per_stage * self.smem_row_elems * ELEMENT_BYTES[self.problem.dtype]
@@ -118,6 +125,26 @@ class ForwardVariant:
             return 0, 1
         splits = choose_splits(owners, groups, resident_blocks)
         return owners * splits, splits
+
+
+@dataclass(frozen=True)
+class ForwardStreamVariant(ForwardVariant):
+    """ForwardVariant whose (bias + mask) term streams with the key tiles instead of staying resident.
+
+    A resident term holds the block's query chunk against every key: 147 KB of shared memory for 64 rows at window
+    24, one block of a few warps per multiprocessor. Streamed, each step's bias and mask tiles (query chunk x key
+    tile, float32 as given) load beside its K and V tiles, shared by the block's windows, and the sum is formed
+    where it is read: more L2 traffic, far less shared memory, more warps to hide latency.
+    """
+
+    kind = "mma_stream"
+    template = "fwd_mma.cu.j2"
+    stream_add = True
+
+    @property
+    def logit_add_bytes(self) -> int:
+        adds = int(self.problem.has_bias) + int(self.problem.has_mask)
+        return self.stages * adds * self.query_chunk * self.add_pitch * 4
 
 
 # A block's fixed cost (its bias and mask term, the first load nothing overlaps) in window groups.
@@ -438,7 +465,7 @@ class RowDeltaVariant:
         return -(-windows * heads * self.problem.n // self.threads), 1
 
 
-Variant = ForwardVariant | SimtVariant | BackwardVariant | BackwardSimtVariant | BackwardTileVariant
+Variant = ForwardVariant | ForwardStreamVariant | SimtVariant | BackwardVariant | BackwardSimtVariant | BackwardTileVariant
 BACKWARD_KINDS = ("bwd_mma", "bwd_simt", "bwd_tile")
 
 _ABBREV = {
@@ -462,7 +489,7 @@ def variant_from_dict(data: dict) -> Variant:
     """Inverse of `to_dict`; raises ValueError naming what is wrong."""
     data = dict(data)
     kind = data.pop("kind", None)
-    kinds = {"mma": ForwardVariant, "simt": SimtVariant, "bwd_mma": BackwardVariant, "bwd_simt": BackwardSimtVariant,
+    kinds = {"mma": ForwardVariant, "mma_stream": ForwardStreamVariant, "simt": SimtVariant, "bwd_mma": BackwardVariant, "bwd_simt": BackwardSimtVariant,
              "bwd_tile": BackwardTileVariant}
     cls = kinds.get(kind)
     if cls is None:

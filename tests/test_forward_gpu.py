@@ -12,7 +12,8 @@ from fwagen.compiler import compile_variant, device_arch
 from fwagen.launch import empty_lse, launch_forward
 from fwagen.problem import Problem
 from fwagen.reference import log_sum_exp_reference
-from fwagen.space import candidates, default_variant, resource_violation
+from fwagen.space import candidates, default_variant, resource_violation, static_violation
+from fwagen.variant import ForwardStreamVariant
 
 from helpers import DTYPES, allowed_error, make_inputs, minus_inf_mask, reference64
 
@@ -104,6 +105,24 @@ def test_every_legal_variant_matches_reference(problem):
         check(variant, q, k, v, b, m, token_major=True)
 
 
+# Streamed bias and mask tiles where the window sweep above does not reach: rows not 16-byte aligned (4-byte copies),
+# a last key tile past N (its keys must get -inf), a padded head dim, bias or mask alone; knobs span key tiles,
+# windows per block and a chunk of half the window.
+STREAMED = [(Problem(250, 40, "bfloat16", True, True), (2, 64, 16, 32, 2, 1)),
+            (Problem(250, 40, "bfloat16", True, True), (1, 128, 32, 64, 2, 1)),
+            (Problem(257, 32, "float16", True, False), (4, 32, 16, 16, 2, 2)),
+            (Problem(300, 64, "float16", False, True), (2, 64, 32, 64, 2, 1))]
+
+
+@pytest.mark.parametrize("problem, knobs", STREAMED, ids=lambda x: x.key() if isinstance(x, Problem) else str(x))
+def test_streamed_bias_and_mask_at_ragged_sizes_match_reference(problem, knobs):
+    variant = ForwardStreamVariant(problem, *knobs)
+    assert static_violation(variant, device_arch()) is None
+    q, k, v, b, m = make_inputs(6, 3, problem.n, problem.head_dim, DTYPES[problem.dtype], bias=problem.has_bias,
+                                mask_windows=3 if problem.has_mask else 0, qkv_strided=True)
+    check(variant, q, k, v, b, m, token_major=True)
+
+
 @pytest.mark.parametrize("n, dtype", [(49, "float16"), (144, "bfloat16"), (576, "float16"), (100, "float32")])
 def test_minus_inf_mask_over_leading_key_tiles_matches_reference(n, dtype):
     # A row whose first key tiles are all -inf must give the softmax of its later keys, not NaN: the online
@@ -169,3 +188,7 @@ def test_small_grid_for_sanitizer():
                         ("bfloat16", 144, 32)):
         q, k, v, b, m = make_inputs(4, 2, n, d, DTYPES[dtype], mask_windows=2, qkv_strided=True)
         check(default_variant(Problem(n, d, dtype, True, True)), q, k, v, b, m, token_major=True)
+    problem, knobs = STREAMED[0]  # the streamed bias and mask, 4-byte copies and a ragged last key tile
+    q, k, v, b, m = make_inputs(2, 2, problem.n, problem.head_dim, DTYPES[problem.dtype], mask_windows=2,
+                                qkv_strided=True)
+    check(ForwardStreamVariant(problem, *knobs), q, k, v, b, m, token_major=True)

@@ -30,7 +30,8 @@ RECORDING = Path(__file__).resolve().parent / "data" / "h200-forward-sweep.jsonl
 S1 = ProblemClass.from_key("fwd_n49_d32_float16_bm_x16384")  # Swin-T stage 1, 211 legal variants
 S3 = ProblemClass.from_key("fwd_n49_d32_float16_bm_x4096")  # Swin-T stage 3
 N144 = ProblemClass.from_key("fwd_n144_d32_float16_bm_x4096")  # the largest recorded class, 376 variants
-N576 = ProblemClass.from_key("fwd_n576_d32_float16_bm_x4096")  # 119 variants: swept exhaustively
+N576 = ProblemClass.from_key("fwd_n576_d32_float16_bm_x4096")  # 255 variants, 136 streaming bias and mask
+SMALL = ProblemClass.from_key("fwd_n576_d32_float16_plain_x4096")  # 119 variants: swept exhaustively
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -80,7 +81,7 @@ def write_recording(path, pclass, rows):
 def test_the_recording_is_real_h200_data_matching_todays_variant_space():
     evaluator = RecordingEvaluator(RECORDING)
     assert (evaluator.gpu, evaluator.arch) == ("NVIDIA H200", "sm_90")
-    assert evaluator.classes() == sorted([S1, S3, N144, N576], key=ProblemClass.key)
+    assert evaluator.classes() == sorted([S1, S3, N144, N576, SMALL], key=ProblemClass.key)
     for pclass in evaluator.classes():
         legal = {v.key() for v in candidates(pclass.problem, "sm_90")[0]}
         assert evaluator.covers(pclass) <= legal
@@ -118,7 +119,7 @@ def test_the_model_based_search_alone_usually_finds_the_best_region(pclass, at_l
 
 
 def test_the_sampler_is_chosen_by_the_size_of_the_space_and_can_be_overridden():
-    small = Space.build(N576, "sm_90")
+    small = Space.build(SMALL, "sm_90")
     large = Space.build(S1, "sm_90")
     assert len(small) <= EXHAUSTIVE_MAX < len(large)
     plan = make_plan(small, [])
@@ -213,7 +214,7 @@ class Interrupting(RecordingEvaluator):
         return super().evaluate(pclass, variant)
 
 
-@pytest.mark.parametrize("pclass, trials", [(S3, 30), (N576, None)], ids=["tpe", "grid"])
+@pytest.mark.parametrize("pclass, trials", [(S3, 30), (SMALL, None)], ids=["tpe", "grid"])
 def test_an_interrupted_study_resumes_to_exactly_its_budget(tmp_path, pclass, trials):
     storage = journal(tmp_path)
     first = Interrupting(RECORDING, after=7)
@@ -229,8 +230,8 @@ def test_an_interrupted_study_resumes_to_exactly_its_budget(tmp_path, pclass, tr
     assert len(keys) == len(set(keys)) == result.trials == result.budget
     assert len(second.evaluations) == result.budget - 7 and not set(second.evaluations) & set(first.evaluations)
     assert not study.get_trials(states=(TrialState.WAITING, TrialState.RUNNING))
-    if pclass == N576:  # a sweep measures everything: the winner is the recording's best
-        assert result.winner_m.median_ms == best_recorded(N576)
+    if pclass == SMALL:  # a sweep measures everything: the winner is the recording's best
+        assert result.winner_m.median_ms == best_recorded(SMALL)
     again = RecordingEvaluator(RECORDING)
     assert tune_class(pclass, again, journal(tmp_path), "nvidia-h200", trials=trials, seed=3).winner == result.winner
     assert again.evaluations == [], "a finished study is read back, not run again"
@@ -432,16 +433,16 @@ def run_cli(*args, timeout=300):
 
 def test_cli_tunes_from_a_recording_writes_yaml_plots_and_a_table_and_show_lists_it(tmp_path):
     out, plots, record = tmp_path / "out", tmp_path / "plots", tmp_path / "rec.jsonl"
-    result = run_cli("tune", "--replay", str(RECORDING), "--problem", N576.key(), "--out", str(out),
+    result = run_cli("tune", "--replay", str(RECORDING), "--problem", SMALL.key(), "--out", str(out),
                      "--storage", str(tmp_path / "j"), "--plots", str(plots), "--record", str(record), "--seed", "0")
     assert result.returncode == 0, result.stderr
-    row = next(line for line in result.stdout.splitlines() if line.startswith(N576.key()))
-    assert "grid" in row and f"{best_recorded(N576):.4f}" in row and "x" in row.split()[-1]
+    row = next(line for line in result.stdout.splitlines() if line.startswith(SMALL.key()))
+    assert "grid" in row and f"{best_recorded(SMALL):.4f}" in row and "x" in row.split()[-1]
     assert (out / "nvidia-h200.yaml").is_file()
-    assert (plots / f"{N576.key()}.png").is_file() or not HAVE_MATPLOTLIB
-    assert len(RecordingEvaluator(record).covers(N576)) == len(recorded(N576))
+    assert (plots / f"{SMALL.key()}.png").is_file() or not HAVE_MATPLOTLIB
+    assert len(RecordingEvaluator(record).covers(SMALL)) == len(recorded(SMALL))
     shown = run_cli("show", "--tuned-dir", str(out))
-    assert shown.returncode == 0 and N576.key() in shown.stdout and "NVIDIA H200 (sm_90" in shown.stdout
+    assert shown.returncode == 0 and SMALL.key() in shown.stdout and "NVIDIA H200 (sm_90" in shown.stdout
 
 
 def test_cli_refuses_a_bad_problem_class_key():
@@ -501,11 +502,11 @@ def test_the_time_budget_is_shared_by_planned_measurements(tmp_path, monkeypatch
     monkeypatch.setattr("fwagen.study.tune_class", record_deadline)
     nothing = ProblemClass.from_key("bwd_n576_d32_float16_bm_x4096")  # no backward kernel: no share
     evaluator = RecordingEvaluator(RECORDING)
-    tune.tune([nothing, N576, S3, S1], evaluator, storage=str(tmp_path / "j"), time_budget=100.0)
+    tune.tune([nothing, SMALL, S3, S1], evaluator, storage=str(tmp_path / "j"), time_budget=100.0)
     assert nothing.key() not in deadlines
     shares = {key: tune.planned_trials([ProblemClass.from_key(key)], evaluator) for key in deadlines}
-    assert shares[N576.key()] == 119 and shares[S1.key()] == 48
-    assert deadlines[N576.key()] == pytest.approx(100.0 * 119 / (119 + 48 + 48), rel=0.02)
+    assert shares[SMALL.key()] == 119 and shares[S1.key()] == 48
+    assert deadlines[SMALL.key()] == pytest.approx(100.0 * 119 / (119 + 48 + 48), rel=0.02)
     # Time a class leaves unused rolls over (these ones return at once): the next gets its share of all of it.
     assert deadlines[S3.key()] == pytest.approx(100.0 * 48 / (48 + 48), rel=0.02)
     assert deadlines[S1.key()] == pytest.approx(100.0, rel=0.02)
