@@ -28,7 +28,8 @@ from fwagen.problem import Problem
 from fwagen.render import render
 from fwagen.space import (backward_candidates, candidates, default_backward, default_variant, max_smem,
                           resource_violation, static_violation)
-from fwagen.variant import BackwardSimtVariant, BackwardTileVariant, ForwardVariant, SimtVariant, variant_from_dict
+from fwagen.variant import (BackwardSimtVariant, BackwardTileVariant, ForwardStreamVariant, ForwardVariant, SimtVariant,
+                            variant_from_dict)
 
 ARCHS = ("sm_80", "sm_90")
 
@@ -184,9 +185,9 @@ def test_sample_covers_every_pair_of_knob_values_and_every_problem_of_each_kind(
         legal = space_pool(arch)
         covered = set().union(*(features(v) for v in SAMPLE[arch]))
         assert covered == set().union(*(features(v) for v in legal))
-        assert {v.kind for v in SAMPLE[arch]} == {"mma", "simt", "bwd_simt", "bwd_tile"}
-        for kind, cls in (("mma", ForwardVariant), ("simt", SimtVariant), ("bwd_simt", BackwardSimtVariant),
-                          ("bwd_tile", BackwardTileVariant)):
+        assert {v.kind for v in SAMPLE[arch]} == {"mma", "mma_stream", "simt", "bwd_simt", "bwd_tile"}
+        for kind, cls in (("mma", ForwardVariant), ("mma_stream", ForwardStreamVariant), ("simt", SimtVariant),
+                          ("bwd_simt", BackwardSimtVariant), ("bwd_tile", BackwardTileVariant)):
             knobs = [f.name for f in dataclasses.fields(cls) if f.name != "problem"]
             for knob in knobs:  # more than one value sampled wherever the space offers more than one
                 offered = {getattr(v, knob) for v in legal if v.kind == kind}
