@@ -157,6 +157,24 @@ _DEFAULT_PREFERENCE = {
            (1, 16, 16, 32, 2), (1, 16, 16, 16, 1)],
 }
 
+# Ahead of those from STREAM_ADD_FROM tokens with a bias or mask: the streamed variant (windows_per_block,
+# query_chunk, rows_per_warp, key_tile, stages, min_blocks) that came within 11% of the best of the H200 classes at
+# N 576 and within 8-28% at N 256, where the resident preference above took 1.18-1.61x and 1.30-1.58x the best
+# (bench/results/nvidia-h200-tune-forward-stream.md).
+_STREAM_DEFAULT = (2, 64, 32, 32, 2, 2)
+
+
+def _default_preference(problem: Problem, n_pad: int):
+    """The built-in defaults of `problem`, most preferred first, as variants (some may be illegal on an arch)."""
+    if n_pad >= STREAM_ADD_FROM and (problem.has_bias or problem.has_mask):
+        yield ForwardStreamVariant(problem, *_STREAM_DEFAULT)
+    preference = [entry for limit, entries in sorted(_DEFAULT_PREFERENCE.items()) if n_pad <= limit
+                  for entry in entries] + _DEFAULT_PREFERENCE[1024]
+    for wpb, chunk, rows, tile, stages in preference:
+        chunk = chunk or n_pad
+        yield ForwardVariant(problem, windows_per_block=wpb, query_chunk=min(chunk, pad_to(n_pad, rows)),
+                             rows_per_warp=rows, key_tile=min(tile or n_pad, n_pad), stages=stages)
+
 
 def default_variant(problem: Problem, arch: str = "sm_90") -> Variant:
     """The untuned choice: legal on `arch` and compiled there without spills (ptxas may spill a preference
@@ -164,13 +182,7 @@ def default_variant(problem: Problem, arch: str = "sm_90") -> Variant:
     winners are measured against."""
     if not problem.uses_tensor_cores:
         return SimtVariant(problem, query_chunk=64, threads_per_row=4, key_tile=32)
-    n_pad = pad_to(problem.n, 16)
-    preference = [entry for limit, entries in sorted(_DEFAULT_PREFERENCE.items()) if n_pad <= limit
-                  for entry in entries] + _DEFAULT_PREFERENCE[1024]
-    for wpb, chunk, rows, tile, stages in preference:
-        chunk = chunk or n_pad
-        variant = ForwardVariant(problem, windows_per_block=wpb, query_chunk=min(chunk, pad_to(n_pad, rows)),
-                                 rows_per_warp=rows, key_tile=min(tile or n_pad, n_pad), stages=stages)
+    for variant in _default_preference(problem, pad_to(problem.n, 16)):
         if static_violation(variant, arch) is None:
             resources = compile_variant(variant, arch).resources
             if resources.spill_bytes == 0 and resource_violation(variant, resources) is None:
