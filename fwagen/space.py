@@ -75,6 +75,8 @@ def static_violation(variant: Variant, arch: str = "sm_90") -> str | None:
     reason = _min_blocks_violation(variant, arch)
     if reason is not None:
         return reason
+    if variant.stream_add and not (variant.problem.has_bias or variant.problem.has_mask):
+        return "a streamed (bias + mask) term needs a bias or a mask to stream"
     if variant.query_chunk % variant.rows_per_warp:
         return "query_chunk not a multiple of rows_per_warp"
     if variant.query_chunk > pad_to(variant.n_pad, variant.rows_per_warp):

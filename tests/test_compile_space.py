@@ -372,6 +372,19 @@ def test_shared_memory_limit_depends_on_the_architecture():
     assert variant in candidates(F16_144, "sm_90")[0] and variant not in candidates(F16_144, "sm_80")[0]
 
 
+def test_a_streamed_variant_keeps_two_stages_of_bias_and_mask_tiles_not_the_chunks_whole_row():
+    problem = Problem(576, 32, "float16", True, True)
+    resident = ForwardVariant(problem, 2, 64, 32, 32, 2, 2)
+    streamed = ForwardStreamVariant(problem, 2, 64, 32, 32, 2, 2)
+    tiles = resident.smem_bytes - resident.logit_add_bytes
+    assert resident.logit_add_bytes == 64 * 576 * 4  # the chunk's rows against every key
+    assert streamed.smem_bytes - tiles == 2 * 2 * 64 * (32 + 8) * 4  # stages x (bias, mask) x rows x pitch
+    assert static_violation(resident, "sm_90") is not None and static_violation(streamed, "sm_90") is None
+    assert streamed.key() != resident.key() and streamed in candidates(problem, "sm_90")[0]
+    bias_only = ForwardStreamVariant(Problem(576, 32, "float16", True, False), 2, 64, 32, 32, 2, 2)
+    assert bias_only.smem_bytes - tiles == 2 * 64 * (32 + 8) * 4
+
+
 @pytest.mark.parametrize("variant, words", [
     (ForwardVariant(F16_144, key_tile=24), "key_tile"),
     (ForwardVariant(Problem(9, 32, "float16"), query_chunk=16, key_tile=32), "key_tile"),
@@ -379,6 +392,7 @@ def test_shared_memory_limit_depends_on_the_architecture():
     (ForwardVariant(Problem(49, 32, "float16"), query_chunk=128), "query_chunk larger"),
     (ForwardVariant(F16_144, windows_per_block=4, query_chunk=144, rows_per_warp=16, key_tile=16), "threads"),
     (ForwardVariant(Problem(256, 128, "float16"), query_chunk=32, rows_per_warp=32, key_tile=128), "register"),
+    (ForwardStreamVariant(Problem(576, 32, "float16", False, False), 2, 64, 32, 32, 2, 2), "bias or a mask"),
     (SimtVariant(Problem(49, 24, "float32"), query_chunk=16, threads_per_row=16), "threads_per_row"),
     (SimtVariant(Problem(49, 128, "float32"), query_chunk=64, threads_per_row=2), "32 head-dim columns"),
     (SimtVariant(Problem(49, 32, "float32"), query_chunk=128, threads_per_row=8), "threads"),
