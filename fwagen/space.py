@@ -104,6 +104,12 @@ def resource_violation(variant: Variant, resources: Resources) -> str | None:
 STREAM_ADD_FROM = 256  # padded window size from which the forward space also streams the (bias + mask) term
 
 
+def _offers_streamed(problem: Problem, n_pad: int) -> bool:
+    """Whether the forward space (and the default) has streamed variants for `problem`: a term to stream, and
+    enough keys that keeping it resident costs real shared memory."""
+    return n_pad >= STREAM_ADD_FROM and (problem.has_bias or problem.has_mask)
+
+
 def _mma_candidates(problem: Problem):
     n_pad = pad_to(problem.n, 16)
     # A third of the window where that is whole m tiles (48 of 144 tokens at window 12): three equal query
@@ -117,7 +123,7 @@ def _mma_candidates(problem: Problem):
                              key_tile=kt, stages=st, min_blocks=mb)
     # From 256 tokens the resident term of a 64-row chunk takes 64 KB and more of shared memory: there, the same
     # knobs with the term streamed beside K and V, two stages, and the block counts the freed memory allows.
-    if n_pad >= STREAM_ADD_FROM and (problem.has_bias or problem.has_mask):
+    if _offers_streamed(problem, n_pad):
         for wpb, rpw, qc, kt, mb in itertools.product((1, 2, 4), (16, 32), chunks, (16, 32, 64), (1, 2, 3)):
             yield ForwardStreamVariant(problem, windows_per_block=wpb, query_chunk=qc, rows_per_warp=rpw,
                                        key_tile=kt, stages=2, min_blocks=mb)
@@ -168,7 +174,7 @@ _STREAM_DEFAULT = (2, 64, 32, 32, 2, 2)
 
 def _default_preference(problem: Problem, n_pad: int):
     """The built-in defaults of `problem`, most preferred first, as variants (some may be illegal on an arch)."""
-    if n_pad >= STREAM_ADD_FROM and (problem.has_bias or problem.has_mask):
+    if _offers_streamed(problem, n_pad):
         yield ForwardStreamVariant(problem, *_STREAM_DEFAULT)
     preference = [entry for limit, entries in sorted(_DEFAULT_PREFERENCE.items()) if n_pad <= limit
                   for entry in entries] + _DEFAULT_PREFERENCE[1024]

@@ -465,7 +465,7 @@ class RowDeltaVariant:
         return -(-windows * heads * self.problem.n // self.threads), 1
 
 
-Variant = ForwardVariant | ForwardStreamVariant | SimtVariant | BackwardVariant | BackwardSimtVariant | BackwardTileVariant
+Variant = ForwardVariant | SimtVariant | BackwardVariant | BackwardSimtVariant | BackwardTileVariant  # and subclasses
 BACKWARD_KINDS = ("bwd_mma", "bwd_simt", "bwd_tile")
 
 _ABBREV = {
@@ -489,8 +489,8 @@ def variant_from_dict(data: dict) -> Variant:
     """Inverse of `to_dict`; raises ValueError naming what is wrong."""
     data = dict(data)
     kind = data.pop("kind", None)
-    kinds = {"mma": ForwardVariant, "mma_stream": ForwardStreamVariant, "simt": SimtVariant, "bwd_mma": BackwardVariant, "bwd_simt": BackwardSimtVariant,
-             "bwd_tile": BackwardTileVariant}
+    kinds = {"mma": ForwardVariant, "mma_stream": ForwardStreamVariant, "simt": SimtVariant, "bwd_mma": BackwardVariant,
+             "bwd_simt": BackwardSimtVariant, "bwd_tile": BackwardTileVariant}
     cls = kinds.get(kind)
     if cls is None:
         raise ValueError(f"variant kind {kind!r}: expected one of {sorted(kinds)}")
