@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 import fwagen
-from fwagen import compiler
+from fwagen import compiler, registry
 from fwagen.compiler import CompileError, compile_variant, parse_ptxas_report
 from fwagen.problem import Problem
 from fwagen.render import render
@@ -129,6 +129,19 @@ def covering_sample(arch: str) -> list:
 SAMPLE = {arch: covering_sample(arch) for arch in ARCHS}
 
 
+def committed_picks() -> list:
+    """(variant, arch) of every entry of the committed tuned files, each once: the kernels dispatch serves."""
+    picks = {}
+    for path in sorted((Path(__file__).resolve().parent.parent / "tuned").glob("*.yaml")):
+        tuned = registry.load(path, strict=True)
+        for entry in tuned.entries.values():
+            picks.setdefault((entry.variant.key(), tuned.arch), (entry.variant, tuned.arch))
+    return list(picks.values())
+
+
+COMMITTED_PICKS = committed_picks()
+
+
 # --- compiling, two threads, into a fresh cache -----------------------------------------------------------------
 
 
@@ -155,7 +168,7 @@ def compile_jobs(tmp_path_factory):
                 for variant in SAMPLE[arch] + [default_or_none(p, arch) for p in PROBLEMS]:
                     if variant is not None and (variant, arch) not in jobs and static_violation(variant, arch) is None:
                         jobs[variant, arch] = pool.submit(timed, variant, arch)
-            for variant, arch in backward_jobs():
+            for variant, arch in backward_jobs() + COMMITTED_PICKS:
                 jobs.setdefault((variant, arch), pool.submit(timed, variant, arch))
             for arch in ARCHS:  # (default_backward compiles its CUDA-core choices itself, to check for spills)
                 for problem in PROBLEMS:
@@ -230,6 +243,20 @@ def test_default_variant_is_legal_and_compiles_within_resources(compile_jobs, pr
 
 @pytest.mark.parametrize("variant, arch", [pytest.param(v, a, id=f"{a}-{v.key()}") for v, a in backward_jobs()])
 def test_backward_variant_compiles_within_resources(compile_jobs, variant, arch):
+    assert static_violation(variant, arch) is None
+    kernel = compiled(compile_jobs, variant, arch)
+    assert kernel.name == variant.key() and 0 < kernel.resources.registers <= 255
+    assert resource_violation(variant, kernel.resources) is None, kernel.resources
+
+
+def test_the_committed_tuned_files_hold_entries_of_both_directions():
+    kinds = {variant.kind for variant, _ in COMMITTED_PICKS}
+    assert {"mma", "mma_stream", "bwd_mma", "bwd_tile"} <= kinds, kinds
+
+
+@pytest.mark.parametrize("variant, arch", [pytest.param(v, a, id=f"{a}-{v.key()}") for v, a in COMMITTED_PICKS])
+def test_committed_tuned_pick_is_legal_and_compiles_within_resources(compile_jobs, variant, arch):
+    """A template or space change that makes a committed pick illegal, or spill, fails here, not on a user's GPU."""
     assert static_violation(variant, arch) is None
     kernel = compiled(compile_jobs, variant, arch)
     assert kernel.name == variant.key() and 0 < kernel.resources.registers <= 255
