@@ -264,7 +264,7 @@ def default_backward(problem: Problem, arch: str = "sm_90") -> Variant | None:
     if whole_window and problem.head_dim <= LARGE_WINDOW_DEFAULT_HEAD_DIM:
         # Past 96 tokens, the large-window layout (its one legal variant) ran window 12 in 0.48/0.52 ms against
         # 0.85/0.93 for the tiled default (H100, bf16, no mask/mask, bench/variants_backward.py; the same on an H200). It parks a few
-        # loop-invariant values in local memory (40 B at 144 tokens with a bias), which resource_violation allows.
+        # loop-invariant values in local memory (28 B at 144 tokens with a bias), which resource_violation allows.
         variant = whole_window[0]
         if resource_violation(variant, compile_variant(variant, arch).resources) is None:
             return variant

@@ -218,8 +218,9 @@ class BackwardVariant:
 
     A block owns one (head, mask window) pair and walks its windows; warp w recomputes P for query rows
     [16w, 16w+16), forms dS and dQ, then computes dK and dV for key rows [16w, 16w+16) from P and dS staged in
-    shared memory. dbias is summed over the block's windows and written once per block: in shared memory up to 96
-    tokens (bwd_mma.cu.j2), in registers past that (bwd_mma_large.cu.j2, `large_window`).
+    shared memory (past 96 tokens, dV or dK of 32 keys a warp instead: `key_gradients_from_staged`). dbias is summed
+    over the block's windows and written once per block: in shared memory up to 96 tokens (bwd_mma.cu.j2), in
+    registers past that (bwd_mma_large.cu.j2, `large_window`).
     """
 
     problem: Problem
