@@ -90,6 +90,15 @@ def _forward_variant(q, has_bias: bool, has_mask: bool):
     return variant
 
 
+def _float32_operand(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A bias or mask as the kernels read it: float32, contiguous, and 16-byte aligned (they copy its rows 16 bytes at
+    a time where N is a multiple of 4; a contiguous view can start at any element of its storage)."""
+    if t is None:
+        return None
+    t = t.float().contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
 def _forward(q, k, v, bias, mask, scale: float, token_major: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(output in the requested layout, log-sum-exp): a kernel where one covers the inputs, else the reference."""
     if _no_kernel_reason(q) is not None:  # the public wrapper has warned, pointing at the caller
@@ -98,8 +107,7 @@ def _forward(q, k, v, bias, mask, scale: float, token_major: bool) -> tuple[torc
         return _to_layout(out, token_major).contiguous(), lse
     if not kernel_ready(q, k, v):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    bias = None if bias is None else bias.float().contiguous()
-    mask = None if mask is None else mask.float().contiguous()
+    bias, mask = _float32_operand(bias), _float32_operand(mask)
     variant = _forward_variant(q, bias is not None, mask is not None)
     out, out_bhnd, lse = _empty_outputs(q, token_major)
     launch_forward(variant, q, k, v, out_bhnd, lse, bias, mask, scale)
@@ -160,8 +168,7 @@ def _gradients(q, k, v, bias, mask, out, lse, scale: float, token_major: bool, b
     if variant is not None:
         if not kernel_ready(q, k, v):
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        bias32 = None if bias is None else bias.float().contiguous()
-        mask32 = None if mask is None else mask.float().contiguous()
+        bias32, mask32 = _float32_operand(bias), _float32_operand(mask)
         dqkv, dbias = launch_backward(variant, q, k, v, out, grad_out.contiguous() if not token_major else grad_out,
                                       lse, bias32, mask32, scale)
         return dqkv, (dbias.to(bias.dtype) if dbias is not None and bias_needs_grad else None)

@@ -202,4 +202,50 @@ __device__ __forceinline__ void fill_logit_add(float* add, const float* bias_h, 
   }
 }
 
+// fill_logit_add's result for a whole window (ROWS = COLS = NP), through shared memory: the bias, then the mask, is
+// copied whole by cp.async into `staging` (NP x NP floats), every copy of the block in flight at once, and rearranged
+// into accumulator order there. fill_logit_add keeps eight loads a thread in flight, so a block filling NP x NP
+// floats waits for many L2 round trips in turn; this waits for about one a pass. Waits for every cp.async group of
+// the thread (commit other loads first and they land too) and ends with `add` written by this thread only: the
+// caller's next barrier makes it whole and frees `staging`.
+template <int NP, int N, int THREADS, bool HAS_BIAS, bool HAS_MASK>
+__device__ __forceinline__ void fill_logit_add_staged(float* add, float* staging, const float* bias_h,
+                                                      const float* mask_w) {
+  constexpr int PASSES = (HAS_BIAS ? 1 : 0) + (HAS_MASK ? 1 : 0);
+  if constexpr (PASSES == 0) {
+    fill_logit_add<NP, NP, N, THREADS, false, false>(add, bias_h, mask_w, 0, 0);  // zeros and -inf: nothing to load
+  } else {
+#pragma unroll
+    for (int pass = 0; pass < PASSES; ++pass) {
+      // The copies as a loop, not unrolled like load_float_tile_async: in a kernel near its register limit, hundreds
+      // of unrolled copy addresses made ptxas spill more in the main loop.
+      const float* matrix = HAS_BIAS && pass == 0 ? bias_h : mask_w;
+      constexpr int VEC = N % 4 == 0 ? 4 : 1, PER_ROW = NP / VEC;
+#pragma unroll 1
+      for (int c = threadIdx.x; c < NP * PER_ROW; c += THREADS) {
+        const int row = c / PER_ROW, col = (c % PER_ROW) * VEC;
+        const bool in = row < N && col < N;
+        const float* src = in ? matrix + row * N + col : matrix;
+        if constexpr (VEC == 4)
+          cp_async16(staging + row * NP + col, src, in ? 16 : 0);
+        else
+          cp_async4(staging + row * NP + col, src, in ? 4 : 0);
+      }
+      cp_async_commit();
+      cp_async_wait<0>();
+      __syncthreads();  // the whole matrix is in `staging` (zeros past N)
+      const bool last = pass == PASSES - 1;
+#pragma unroll 8
+      for (int idx = threadIdx.x; idx < NP * NP; idx += THREADS) {
+        const int e = idx % 4;
+        const int2 origin = accumulator_slot_origin<NP>(idx / 4);
+        const int query = origin.x + (e >= 2 ? 8 : 0), key = origin.y + (e & 1);
+        const float a = (pass > 0 ? add[idx] : 0.f) + staging[query * NP + key];
+        add[idx] = !last ? a : (key < N ? a * FWAGEN_LOG2E : -INFINITY);
+      }
+      if (!last) __syncthreads();  // `staging` is read whole before the mask overwrites it
+    }
+  }
+}
+
 }  // namespace fwagen
