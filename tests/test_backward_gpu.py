@@ -216,3 +216,12 @@ def test_small_backward_grid_for_sanitizer():
     for dtype, n, d in (("float16", 49, 32), ("bfloat16", 9, 16), ("float16", 64, 64), ("bfloat16", 144, 32),
                         ("float32", 49, 32), ("bfloat16", 200, 16), ("float16", 300, 32)):
         run_case(4, 2, n, d, DTYPES[dtype], bias=True, mask_windows=2, qkv_strided=True, token_major=True)
+    # The large-window kernel with blocks that walk two windows each, as at the bench's window 12 (the calls above give
+    # a block one window): 198 pairs of head and mask window, more than an H100 or H200 has multiprocessors.
+    # Its values are checked against float64 in test_large_window_whole_window_kernel_matches_float64_autograd;
+    # eager bf16 here would bring cuBLAS kernels that racecheck flags on its own.
+    q, k, v, b, m = make_inputs(396, 1, 144, 32, torch.bfloat16, mask_windows=198, qkv_strided=True)
+    out, lse = torch.ops.fwagen.window_attention_fwd(q, k, v, b, m, 32 ** -0.5, False)
+    problem = Problem(144, 32, "bfloat16", True, True, "bwd")
+    dqkv, dbias = launch_backward(BackwardVariant(problem), q, k, v, out, torch.randn_like(out), lse, b, m, 32 ** -0.5)
+    assert dqkv.float().isfinite().all() and dbias.isfinite().all() and dbias.abs().sum() > 0
