@@ -1,6 +1,7 @@
 """Forward kernels against the float64 reference on the GPU (marker gpu)."""
 from __future__ import annotations
 
+import math
 import random
 from concurrent.futures import ThreadPoolExecutor
 
@@ -131,6 +132,30 @@ def test_minus_inf_mask_over_leading_key_tiles_matches_reference(n, dtype):
     m = minus_inf_mask(3, n)
     for variant in runnable_variants(Problem(n, 32, dtype, True, True)):
         check(variant, q, k, v, b, m)
+
+
+# With three key tiles or more and one m tile a warp, a warp moves its rows' softmax reference only when a tile's
+# logit exceeds it by more than 8 (log2 units), so P runs up to 256 between moves (fwd_mma.cu.j2, softmax_lazy).
+# Biases along the keys that rise steeply (a move at every tile), rise by 7.8 after the first 48 keys (P close to 256
+# with no move in some rows, a move in others) and fall (the first tile's reference throughout), in fp16, the
+# narrower range. The sample holds variants of two m tiles a warp too (the other path).
+LAZY_BIASES = {"rising": lambda key: 0.4 * key, "edge": lambda key: 7.8 * math.log(2) * (key >= 48),
+               "falling": lambda key: -0.4 * key}
+
+
+@pytest.mark.parametrize("n", [144, 576])
+@pytest.mark.parametrize("profile", list(LAZY_BIASES))
+def test_lazily_moved_softmax_reference_matches_reference(n, profile):
+    problem = Problem(n, 32, "float16", True, False)
+    arch = device_arch()
+    many_tiles = [var for var in candidates(problem, arch)[0] if var.key_tiles >= 3]
+    sample = many_tiles[::max(1, len(many_tiles) // 12)] + [default_variant(problem)]
+    variants = [var for var in sample if resource_violation(var, compile_variant(var, arch).resources) is None]
+    assert len(variants) >= 6, "too few variants of three key tiles or more survived the resource checks"
+    q, k, v, b, _ = make_inputs(6, 2, n, 32, torch.float16)
+    b += LAZY_BIASES[profile](torch.arange(n, device=b.device, dtype=torch.float32))
+    for variant in variants:
+        check(variant, q, k, v, b, None)
 
 
 def test_op_matches_reference_and_takes_qkv_views_in_place():
