@@ -56,7 +56,10 @@ class BeforeStream(ForwardStreamVariant):
 
 def use_before_template(path: str) -> None:
     """Serve `path` as BEFORE beside the package's templates (nothing is written to the template folder)."""
-    loader = jinja2.ChoiceLoader([jinja2.DictLoader({BEFORE: Path(path).read_text()}),
+    text = Path(path).read_text()
+    if "gridDim.x" not in text:  # a template from before the streamed kind's even shares: its own grid
+        BeforeStream.grid = ForwardVariant.grid
+    loader = jinja2.ChoiceLoader([jinja2.DictLoader({BEFORE: text}),
                                   jinja2.FileSystemLoader(str(fwagen.render.template_dir()))])
     env = jinja2.Environment(loader=loader, undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
                              autoescape=False)

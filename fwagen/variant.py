@@ -146,6 +146,16 @@ class ForwardStreamVariant(ForwardVariant):
         adds = int(self.problem.has_bias) + int(self.problem.has_mask)
         return self.stages * adds * self.query_chunk * self.add_pitch * 4
 
+    def grid(self, windows: int, heads: int, mask_windows: int, resident_blocks: int) -> tuple[int, int]:
+        """(blocks, 1): one wave, each block an even share of the (owner, window group) items, since no block fills
+        a term of its owner's (the template says more). The kernel takes its share from gridDim."""
+        pair_windows = max(mask_windows, 1)
+        groups = -(-(windows // pair_windows) // self.windows_per_block)
+        items = heads * pair_windows * self.chunks_per_item * groups
+        if items >= 2**31:  # the kernel counts items in 32 bits (q would hold terabytes first)
+            raise ValueError(f"q: {windows} windows x {heads} heads is more work than one launch indexes")
+        return min(items, resident_blocks), 1
+
 
 # A block's fixed cost (its bias and mask term, the first load nothing overlaps) in window groups.
 BLOCK_OVERHEAD_GROUPS = 2

@@ -1,4 +1,5 @@
-"""Launch grids of the split backward kernels (dQ blocks over splits of the windows, then dK/dV blocks).
+"""Launch grids of the split backward kernels (dQ blocks over splits of the windows, then dK/dV blocks), and of the
+forward's streamed kind.
 
 The kernels rely on these invariants: every split has at least one window (its first window writes the split's
 dbias partial instead of adding to it, so an empty split would leave the partial unwritten), the partial sums stay
@@ -15,7 +16,7 @@ import pytest
 
 from fwagen.problem import Problem
 from fwagen.variant import (DBIAS_PARTIAL_BUDGET_BYTES, TILE_DBIAS_PARTIAL_BYTES, BackwardSimtVariant,
-                            BackwardTileVariant, choose_tile_splits)
+                            BackwardTileVariant, ForwardStreamVariant, choose_tile_splits)
 
 # (windows, heads, mask windows): the bench's Swin shapes and small odd ones.
 CALLS = [(8192, 3, 64), (2048, 4, 64), (1024, 4, 64), (256, 8, 16), (128, 24, 0), (5, 2, 0), (12, 2, 4), (3, 7, 1)]
@@ -81,3 +82,16 @@ def test_tiled_split_rule_picks_a_measured_near_best_split_count(row):
     splits = choose_tile_splits(row["owners"], images, row["mask_windows"], wpb, row["resident_blocks"], max_splits)
     measured = {int(count): ms for count, ms in row["ms_by_splits"].items() if int(count) <= max_splits}
     assert measured[splits] <= 1.07 * min(measured.values()), (splits, measured)
+
+
+def test_streamed_forward_grid_is_one_wave_sharing_every_item():
+    # The forward's streamed kind (the one forward grid not split per owner) shares out all its (owner, window group)
+    # items from gridDim: one wave, never a block more than there are items.
+    for (windows, heads, mask_windows), resident in itertools.product(CALLS, RESIDENT):
+        variant = ForwardStreamVariant(Problem(576, 32, "float16", True, mask_windows > 0), windows_per_block=2,
+                                       query_chunk=64, rows_per_warp=32, key_tile=32, stages=2)
+        groups = -(-(windows // max(mask_windows, 1)) // 2)
+        items = heads * max(mask_windows, 1) * 9 * groups
+        assert variant.grid(windows, heads, mask_windows, resident) == (min(items, resident), 1)
+    with pytest.raises(ValueError, match="q: .* more work than one launch indexes"):
+        variant.grid(2**28, 64, 0, 132)

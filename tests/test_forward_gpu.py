@@ -124,6 +124,33 @@ def test_streamed_bias_and_mask_at_ragged_sizes_match_reference(problem, knobs):
     check(variant, q, k, v, b, m, token_major=True)
 
 
+def on_few_blocks(variant, blocks):
+    """`variant` (streamed) launched on `blocks` blocks whatever the GPU holds, so that each block walks several
+    (owner, window group) items of uneven shares, from one head, mask window or query chunk into the next. Its own
+    key, so that neither its plan nor its kernel is shared with the variant's."""
+
+    class OnFewBlocks(ForwardStreamVariant):
+        def key(self):
+            return f"{super().key()}_g{blocks}"
+
+        def grid(self, windows, heads, mask_windows, resident_blocks):
+            return super().grid(windows, heads, mask_windows, blocks)
+
+    return OnFewBlocks(variant.problem, **variant.knobs())
+
+
+@pytest.mark.parametrize("blocks", [1, 5, 7])
+@pytest.mark.parametrize("problem, knobs", [STREAMED[0], STREAMED[2]], ids=lambda x: x.key() if isinstance(x, Problem)
+                         else str(x))
+def test_streamed_blocks_walking_many_owners_match_reference(problem, knobs, blocks):
+    variant = on_few_blocks(ForwardStreamVariant(problem, *knobs), blocks)
+    q, k, v, b, m = make_inputs(6, 3, problem.n, problem.head_dim, DTYPES[problem.dtype], bias=problem.has_bias,
+                                mask_windows=3 if problem.has_mask else 0, qkv_strided=True)
+    grid_blocks, _ = variant.grid(6, 3, 3 if problem.has_mask else 0, 10**6)
+    assert grid_blocks == blocks  # far fewer than the items: 3 heads x 3 mask windows (or 1) x query chunks
+    check(variant, q, k, v, b, m, token_major=True)
+
+
 @pytest.mark.parametrize("n, dtype", [(49, "float16"), (144, "bfloat16"), (576, "float16"), (100, "float32")])
 def test_minus_inf_mask_over_leading_key_tiles_matches_reference(n, dtype):
     # A row whose first key tiles are all -inf must give the softmax of its later keys, not NaN: the online
@@ -217,3 +244,4 @@ def test_small_grid_for_sanitizer():
     q, k, v, b, m = make_inputs(2, 2, problem.n, problem.head_dim, DTYPES[problem.dtype], mask_windows=2,
                                 qkv_strided=True)
     check(ForwardStreamVariant(problem, *knobs), q, k, v, b, m, token_major=True)
+    check(on_few_blocks(ForwardStreamVariant(problem, *knobs), 3), q, k, v, b, m)  # blocks walking several items
