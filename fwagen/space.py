@@ -77,6 +77,8 @@ def static_violation(variant: Variant, arch: str = "sm_90") -> str | None:
         return reason
     if variant.stream_add and not (variant.problem.has_bias or variant.problem.has_mask):
         return "a streamed (bias + mask) term needs a bias or a mask to stream"
+    if variant.stream_add and variant.key_tiles < 3:
+        return "a streamed (bias + mask) term needs three key tiles or more (its copies advance from the first)"
     if variant.query_chunk % variant.rows_per_warp:
         return "query_chunk not a multiple of rows_per_warp"
     if variant.query_chunk > pad_to(variant.n_pad, variant.rows_per_warp):

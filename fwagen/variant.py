@@ -147,14 +147,16 @@ class ForwardStreamVariant(ForwardVariant):
         return self.stages * adds * self.query_chunk * self.add_pitch * 4
 
     def grid(self, windows: int, heads: int, mask_windows: int, resident_blocks: int) -> tuple[int, int]:
-        """(blocks, 1): one wave, each block an even share of the (owner, window group) items, since no block fills
-        a term of its owner's (the template says more). The kernel takes its share from gridDim."""
+        """(blocks, 1): one wave, each block an even share of the units of work (one owner's window group each),
+        since no block fills a term of its owner's (the template says more). The kernel takes its share from
+        gridDim."""
         pair_windows = max(mask_windows, 1)
         groups = -(-(windows // pair_windows) // self.windows_per_block)
-        items = heads * pair_windows * self.chunks_per_item * groups
-        if items >= 2**31:  # the kernel counts items in 32 bits (q would hold terabytes first)
+        units = heads * pair_windows * self.chunks_per_item * groups
+        blocks = min(units, resident_blocks)
+        if units * self.key_tiles + blocks >= 2**31:  # the kernel counts units and steps in 32 bits
             raise ValueError(f"q: {windows} windows x {heads} heads is more work than one launch indexes")
-        return min(items, resident_blocks), 1
+        return blocks, 1
 
 
 # A block's fixed cost (its bias and mask term, the first load nothing overlaps) in window groups.

@@ -84,14 +84,19 @@ def test_tiled_split_rule_picks_a_measured_near_best_split_count(row):
     assert measured[splits] <= 1.07 * min(measured.values()), (splits, measured)
 
 
-def test_streamed_forward_grid_is_one_wave_sharing_every_item():
-    # The forward's streamed kind (the one forward grid not split per owner) shares out all its (owner, window group)
-    # items from gridDim: one wave, never a block more than there are items.
+def test_streamed_forward_grid_is_one_wave_and_never_idles_a_block():
+    # The forward's streamed kind (the one forward grid not split per owner) shares out its units of work from
+    # gridDim: never more blocks than the GPU holds at once (a second wave would idle), none without work, and every
+    # place filled where the work is plentiful.
     for (windows, heads, mask_windows), resident in itertools.product(CALLS, RESIDENT):
         variant = ForwardStreamVariant(Problem(576, 32, "float16", True, mask_windows > 0), windows_per_block=2,
                                        query_chunk=64, rows_per_warp=32, key_tile=32, stages=2)
-        groups = -(-(windows // max(mask_windows, 1)) // 2)
-        items = heads * max(mask_windows, 1) * 9 * groups
-        assert variant.grid(windows, heads, mask_windows, resident) == (min(items, resident), 1)
+        blocks, splits = variant.grid(windows, heads, mask_windows, resident)
+        windows_of_a_chunk = heads * windows  # each (head, window) is in one unit of each query chunk
+        assert splits == 1 and 1 <= blocks <= resident
+        assert blocks <= windows_of_a_chunk * variant.chunks_per_item
+        if windows_of_a_chunk >= 2 * resident:  # at least one window pair per place in every chunk
+            assert blocks == resident
+    assert variant.grid(0, 3, 0, 132)[0] == 0
     with pytest.raises(ValueError, match="q: .* more work than one launch indexes"):
-        variant.grid(2**28, 64, 0, 132)
+        variant.grid(2**26, 64, 0, 132)

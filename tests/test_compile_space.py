@@ -420,6 +420,7 @@ def test_a_streamed_variant_keeps_two_stages_of_bias_and_mask_tiles_not_the_chun
     (ForwardVariant(F16_144, windows_per_block=4, query_chunk=144, rows_per_warp=16, key_tile=16), "threads"),
     (ForwardVariant(Problem(256, 128, "float16"), query_chunk=32, rows_per_warp=32, key_tile=128), "register"),
     (ForwardStreamVariant(Problem(576, 32, "float16", False, False), 2, 64, 32, 32, 2, 2), "bias or a mask"),
+    (ForwardStreamVariant(Problem(256, 32, "float16", True, False), 1, 64, 32, 128, 2, 1), "three key tiles"),
     (SimtVariant(Problem(49, 24, "float32"), query_chunk=16, threads_per_row=16), "threads_per_row"),
     (SimtVariant(Problem(49, 128, "float32"), query_chunk=64, threads_per_row=2), "32 head-dim columns"),
     (SimtVariant(Problem(49, 32, "float32"), query_chunk=128, threads_per_row=8), "threads"),

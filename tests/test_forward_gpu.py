@@ -139,15 +139,22 @@ def on_few_blocks(variant, blocks):
     return OnFewBlocks(variant.problem, **variant.knobs())
 
 
+# (problem, knobs, windows): STREAMED[0] with 3 mask windows and two windows a group at 6 windows (one whole group a
+# mask window) and at 9 (two groups, the last half empty); STREAMED[2], no mask, four windows a group (two groups, the
+# last half empty).
+FEW_BLOCK_CASES = [(*STREAMED[0], 6), (*STREAMED[0], 9), (*STREAMED[2], 6)]
+
+
 @pytest.mark.parametrize("blocks", [1, 5, 7])
-@pytest.mark.parametrize("problem, knobs", [STREAMED[0], STREAMED[2]], ids=lambda x: x.key() if isinstance(x, Problem)
-                         else str(x))
-def test_streamed_blocks_walking_many_owners_match_reference(problem, knobs, blocks):
+@pytest.mark.parametrize("problem, knobs, windows", FEW_BLOCK_CASES,
+                         ids=lambda x: x.key() if isinstance(x, Problem) else str(x))
+def test_streamed_blocks_walking_many_owners_match_reference(problem, knobs, windows, blocks):
     variant = on_few_blocks(ForwardStreamVariant(problem, *knobs), blocks)
-    q, k, v, b, m = make_inputs(6, 3, problem.n, problem.head_dim, DTYPES[problem.dtype], bias=problem.has_bias,
-                                mask_windows=3 if problem.has_mask else 0, qkv_strided=True)
-    grid_blocks, _ = variant.grid(6, 3, 3 if problem.has_mask else 0, 10**6)
-    assert grid_blocks == blocks  # far fewer than the items: 3 heads x 3 mask windows (or 1) x query chunks
+    mask_windows = 3 if problem.has_mask else 0
+    q, k, v, b, m = make_inputs(windows, 3, problem.n, problem.head_dim, DTYPES[problem.dtype], bias=problem.has_bias,
+                                mask_windows=mask_windows, qkv_strided=True)
+    grid_blocks, _ = variant.grid(windows, 3, mask_windows, 10**6)
+    assert grid_blocks == blocks  # far fewer than the units: 3 heads x 3 mask windows (or 1) x chunks x groups
     check(variant, q, k, v, b, m, token_major=True)
 
 
