@@ -128,7 +128,6 @@ def test_float32_bias_and_mask_with_float64_inputs(quiet):
                                **TOLERANCE[torch.float64])
 
 
-
 def test_bias_and_mask_reach_the_kernels_float32_contiguous_and_16_byte_aligned():
     """The kernels copy bias and mask rows 16 bytes at a time: a contiguous view that starts one float into its
     storage is copied, an aligned float32 one passed as it is."""
@@ -141,6 +140,7 @@ def test_bias_and_mask_reach_the_kernels_float32_contiguous_and_16_byte_aligned(
     aligned = torch.randn(2, 12, 12)
     assert fwagen.op._float32_operand(aligned).data_ptr() == aligned.data_ptr()
     assert fwagen.op._float32_operand(None) is None
+
 
 # --- errors that name the argument -----------------------------------------------------------------------------
 
