@@ -9,6 +9,7 @@ and differentiates the reference elsewhere.
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 
 import torch
@@ -225,6 +226,23 @@ class _EagerAutograd(torch.autograd.Function):
         return (*_split_qkv(dqkv), dbias, None, None, None)
 
 
+def _check_scale(scale) -> None:
+    """The kernels divide the bias and mask by the scale (they start the score accumulators in units of q k^T) and
+    take the row maximum of the scores before scaling: a scale must be a positive, finite, normal float32."""
+    try:
+        value = float(scale) if not isinstance(scale, (bool, str, bytes)) else None
+    except (TypeError, ValueError, RuntimeError):
+        value = None
+    if value is None:
+        raise TypeError(f"scale: expected a number or None, got {type(scale).__name__}")
+    if not (math.isfinite(value) and _SMALLEST_SCALE <= value <= _LARGEST_SCALE):
+        raise ValueError(f"scale: expected a positive finite number (a normal float32), got {scale!r}")
+
+
+_SMALLEST_SCALE = torch.finfo(torch.float32).tiny
+_LARGEST_SCALE = torch.finfo(torch.float32).max
+
+
 def window_attention(q, k, v, bias=None, mask=None, scale=None, layout="bhnd"):
     """Swin window attention: softmax(scale * q k^T + bias[h] + mask[b % nW]) v.
 
@@ -238,6 +256,7 @@ def window_attention(q, k, v, bias=None, mask=None, scale=None, layout="bhnd"):
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    _check_scale(scale)
     if not torch.compiler.is_compiling():  # a traced graph cannot warn; the eager call before it has
         reason = _no_kernel_reason(q)
         if reason is not None:

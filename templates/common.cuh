@@ -92,6 +92,27 @@ template <> __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// d = a b + c, c kept: products that start from a term (the backward's bias and mask) take it without a copy.
+template <typename T>
+__device__ __forceinline__ void mma16816_from(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1,
+                                              const float (&c)[4]);
+template <>
+__device__ __forceinline__ void mma16816_from<__half>(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1,
+                                                      const float (&c)[4]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%11,%12,%13};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+}
+template <>
+__device__ __forceinline__ void mma16816_from<__nv_bfloat16>(float (&d)[4], const unsigned (&a)[4], unsigned b0,
+                                                             unsigned b1, const float (&c)[4]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%11,%12,%13};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+}
+
 // Copy ROWS rows of COLS (a multiple of 16 bytes' worth) elements into shared memory with row pitch PITCH,
 // 16 bytes per thread per step, fully unrolled so that the chunk -> (row, column) split is compile-time
 // arithmetic. Rows at or past `valid_rows` and columns at or past `valid_cols` are zero-filled. `row_stride`

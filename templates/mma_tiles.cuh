@@ -14,20 +14,25 @@ __device__ __forceinline__ void load_row_fragments(unsigned (&a)[DP / 16][4], co
   for (int kk = 0; kk < DP / 16; ++kk) ldmatrix_x4(a[kk], rows + (lane % 16) * PITCH + kk * 16 + (lane / 16) * 8);
 }
 
-// s (16 x COLS) = 16 rows, as loaded by load_row_fragments, * the COLS rows of a [row][DP] tile, transposed.
+// s (16 x COLS) = init + 16 rows, as loaded by load_row_fragments, * the COLS rows of a [row][DP] tile, transposed.
+// The first products read init where it is (mma16816_from), so that a term the scores share (the backward's bias and
+// mask) costs neither an add nor a copy.
 template <typename T, int DP, int PITCH, int COLS>
-__device__ __forceinline__ void fragments_times_cols(float (&s)[COLS / 8][4], const unsigned (&a)[DP / 16][4],
-                                                     const T* cols, int lane) {
-#pragma unroll
-  for (int j = 0; j < COLS / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+__device__ __forceinline__ void fragments_times_cols_from(float (&s)[COLS / 8][4], const float (&init)[COLS / 8][4],
+                                                          const unsigned (&a)[DP / 16][4], const T* cols, int lane) {
 #pragma unroll
   for (int kk = 0; kk < DP / 16; ++kk) {
 #pragma unroll
     for (int jj = 0; jj < COLS / 16; ++jj) {
       unsigned b[4];
       ldmatrix_x4(b, cols + (jj * 16 + (lane / 16) * 8 + lane % 8) * PITCH + kk * 16 + ((lane / 8) % 2) * 8);
-      mma16816<T>(s[2 * jj], a[kk], b[0], b[1]);
-      mma16816<T>(s[2 * jj + 1], a[kk], b[2], b[3]);
+      if (kk == 0) {
+        mma16816_from<T>(s[2 * jj], a[kk], b[0], b[1], init[2 * jj]);
+        mma16816_from<T>(s[2 * jj + 1], a[kk], b[2], b[3], init[2 * jj + 1]);
+      } else {
+        mma16816<T>(s[2 * jj], a[kk], b[0], b[1]);
+        mma16816<T>(s[2 * jj + 1], a[kk], b[2], b[3]);
+      }
     }
   }
 }
@@ -181,12 +186,13 @@ __device__ __forceinline__ int2 accumulator_slot_origin(int slot) {
   return make_int2(group * 16 + lane / 4, j * 8 + (lane % 4) * 2);
 }
 
-// (bias + mask) * log2(e) of a ROWS x COLS block of scores (query rows from row_first, key columns from col_first)
-// into `add` in accumulator order, float4 a lane, so that a warp reads its part without bank conflicts. -inf on keys
-// past N; queries past N get 0 (their log-sum-exp of +inf zeroes P).
+// (bias + mask) * unit of a ROWS x COLS block of scores (query rows from row_first, key columns from col_first) into
+// `add` in accumulator order, float4 a lane, so that a warp reads its part without bank conflicts. -inf on keys past
+// N; queries past N get 0 (their log-sum-exp of +inf zeroes P). With unit = 1 / scale the term is in the units of
+// q k^T, so that it can start the score accumulators (fragments_times_cols_from).
 template <int ROWS, int COLS, int N, int THREADS, bool HAS_BIAS, bool HAS_MASK>
 __device__ __forceinline__ void fill_logit_add(float* add, const float* bias_h, const float* mask_w, int row_first,
-                                               int col_first) {
+                                               int col_first, float unit) {
   // Unrolled for several global loads in flight a thread: one at a time leaves the block waiting on L2 latency.
 #pragma unroll 8
   for (int idx = threadIdx.x; idx < ROWS * COLS; idx += THREADS) {
@@ -198,7 +204,7 @@ __device__ __forceinline__ void fill_logit_add(float* add, const float* bias_h, 
       if (HAS_BIAS) a += __ldg(bias_h + query * N + key);
       if (HAS_MASK) a += __ldg(mask_w + query * N + key);
     }
-    add[idx] = key < N ? a * FWAGEN_LOG2E : -INFINITY;
+    add[idx] = key < N ? a * unit : -INFINITY;
   }
 }
 
@@ -210,10 +216,11 @@ __device__ __forceinline__ void fill_logit_add(float* add, const float* bias_h, 
 // caller's next barrier makes it whole and frees `staging`.
 template <int NP, int N, int THREADS, bool HAS_BIAS, bool HAS_MASK>
 __device__ __forceinline__ void fill_logit_add_staged(float* add, float* staging, const float* bias_h,
-                                                      const float* mask_w) {
+                                                      const float* mask_w, float unit) {
   constexpr int PASSES = (HAS_BIAS ? 1 : 0) + (HAS_MASK ? 1 : 0);
   if constexpr (PASSES == 0) {
-    fill_logit_add<NP, NP, N, THREADS, false, false>(add, bias_h, mask_w, 0, 0);  // zeros and -inf: nothing to load
+    // zeros and -inf: nothing to load
+    fill_logit_add<NP, NP, N, THREADS, false, false>(add, bias_h, mask_w, 0, 0, unit);
   } else {
 #pragma unroll
     for (int pass = 0; pass < PASSES; ++pass) {
@@ -241,7 +248,7 @@ __device__ __forceinline__ void fill_logit_add_staged(float* add, float* staging
         const int2 origin = accumulator_slot_origin<NP>(idx / 4);
         const int query = origin.x + (e >= 2 ? 8 : 0), key = origin.y + (e & 1);
         const float a = (pass > 0 ? add[idx] : 0.f) + staging[query * NP + key];
-        add[idx] = !last ? a : (key < N ? a * FWAGEN_LOG2E : -INFINITY);
+        add[idx] = !last ? a : (key < N ? a * unit : -INFINITY);
       }
       if (!last) __syncthreads();  // `staging` is read whole before the mask overwrites it
     }

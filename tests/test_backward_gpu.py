@@ -148,12 +148,12 @@ def tiled_variants(problem):
     return sorted(picked, key=lambda v: v.key())
 
 
-def check_variants(problem, windows, heads, mask_windows, variants):
+def check_variants(problem, windows, heads, mask_windows, variants, scale=None):
     """Each of `variants` (launched directly, not dispatched) against float64 autograd on fresh inputs."""
     n, d, dtype = problem.n, problem.head_dim, DTYPES[problem.dtype]
     q, k, v, b, m = make_inputs(windows, heads, n, d, dtype, bias=problem.has_bias, mask_windows=mask_windows,
                                 qkv_strided=True)
-    scale = d ** -0.5
+    scale = d ** -0.5 if scale is None else scale
     out, lse = torch.ops.fwagen.window_attention_fwd(q, k, v, b, m, scale, False)
     grad_out = torch.randn_like(out)
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)] + ([b.double().requires_grad_()] if b is not None
@@ -166,6 +166,15 @@ def check_variants(problem, windows, heads, mask_windows, variants):
         dqkv, dbias = launch_backward(variant, q, k, v, out, grad_out, lse, b, m, scale)
         got = list(dqkv.permute(2, 0, 3, 1, 4).unbind(0)) + ([dbias] if b is not None else [])
         assert_within_twice_eager(got, eager, expected, dtype, label=f"{variant.key()} ")
+
+
+# The whole-window kernels fill (bias + mask) / scale, the units of q k^T, to start the score accumulators: scales far
+# from head_dim ** -0.5 on each side, for the default backward of Swin-T, window 12 and window 24.
+@pytest.mark.parametrize("scale", [0.004, 2.5])
+@pytest.mark.parametrize("n, dtype", [(49, "float16"), (144, "bfloat16"), (576, "float16")])
+def test_default_backward_at_scales_far_from_the_default_matches_float64_autograd(n, dtype, scale):
+    problem = Problem(n, 32, dtype, True, True, "bwd")
+    check_variants(problem, 16, 2, 4, [default_backward(problem)], scale=scale)
 
 
 @pytest.mark.parametrize("case", TILED_CASES, ids=lambda c: c[0].key())

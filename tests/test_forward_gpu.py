@@ -60,14 +60,14 @@ def run_poisoned(variant, q, k, v, b, m, token_major=False, scale=None):
     return out_bhnd, lse
 
 
-def check(variant, q, k, v, b, m, token_major=False):
-    out, lse = run_poisoned(variant, q, k, v, b, m, token_major)
+def check(variant, q, k, v, b, m, token_major=False, scale=None):
+    out, lse = run_poisoned(variant, q, k, v, b, m, token_major, scale)
     assert torch.isfinite(out).all(), f"{variant.key()}: unwritten or non-finite output"
-    expected = reference64(q, k, v, b, m)
+    expected = reference64(q, k, v, b, m, scale)
     error = (out.double() - expected).abs().max().item()
-    allowed = allowed_error(q, k, v, b, m, expected)
+    allowed = allowed_error(q, k, v, b, m, expected, scale)
     assert error <= allowed, f"{variant.key()}: error {error:.3g} > allowed {allowed:.3g}"
-    lse_error = (lse.double() - log_sum_exp_reference(q, k, b, m)).abs().max().item()
+    lse_error = (lse.double() - log_sum_exp_reference(q, k, b, m, scale)).abs().max().item()
     assert lse_error < 1e-2, f"{variant.key()}: log-sum-exp error {lse_error:.3g}"
 
 
@@ -80,6 +80,17 @@ def test_default_variant_matches_float64_reference(case):
                                 mask_windows=mask_windows, qkv_strided=case["qkv_strided"])
     variant = default_variant(Problem(n, d, case["dtype"], case["bias"], bool(mask_windows)))
     check(variant, q, k, v, b, m, case["token_major"])
+
+
+# A resident bias and mask term is filled as (bias + mask) / scale, the units of q k^T, to start the score
+# accumulators, and the row maximum is taken before scaling: scales far from head_dim ** -0.5 on each side, for the
+# default variants of Swin-T, window 12 (resident) and window 24 (streamed).
+@pytest.mark.parametrize("scale", [0.004, 2.5])
+@pytest.mark.parametrize("problem", [Problem(49, 32, "float16", True, True), Problem(144, 32, "bfloat16", True, True),
+                                     Problem(576, 32, "float16", True, True)], ids=lambda p: p.key())
+def test_default_variant_at_scales_far_from_the_default_matches_reference(problem, scale):
+    q, k, v, b, m = make_inputs(8, 2, problem.n, problem.head_dim, DTYPES[problem.dtype], mask_windows=2)
+    check(default_variant(problem), q, k, v, b, m, scale=scale)
 
 
 SWEPT = [Problem(49, 32, "float16", True, True), Problem(144, 32, "bfloat16", True, False),

@@ -227,6 +227,20 @@ def test_bad_layout_string_names_layout(layout):
         fwagen.window_attention(q, k, v, layout=layout)
 
 
+@pytest.mark.parametrize("scale", [0.0, -0.25, float("inf"), float("nan"), 1e-39, 1e39])
+def test_scale_that_is_not_a_positive_normal_float32_names_scale(scale):
+    q, k, v, b, m = make_inputs(mask_windows=2)
+    with pytest.raises(ValueError, match=r"^scale: expected a positive finite number"):
+        fwagen.window_attention(q, k, v, b, m, scale=scale)
+
+
+@pytest.mark.parametrize("scale", ["0.5", True, [0.5], torch.ones(2)])
+def test_scale_that_is_not_a_number_names_scale(scale):
+    q, k, v, _, _ = make_inputs()
+    with pytest.raises(TypeError, match=r"^scale: expected a number or None"):
+        fwagen.window_attention(q, k, v, scale=scale)
+
+
 @pytest.mark.parametrize("position", ["q", "k", "v", "bias", "mask"])
 def test_non_tensor_input_names_the_argument(position):
     q, k, v, b, m = make_inputs(mask_windows=2)
