@@ -227,8 +227,9 @@ class _EagerAutograd(torch.autograd.Function):
 
 
 def _check_scale(scale) -> None:
-    """The kernels divide the bias and mask by the scale (they start the score accumulators in units of q k^T) and
-    take the row maximum of the scores before scaling: a scale must be a positive, finite, normal float32."""
+    """A scale must be a positive, finite, normal float32. The large-window backward divides the bias and mask by it
+    (to start its score accumulators in the units of q k^T): zero or a subnormal would make that term infinite.
+    Negative scales, which no Swin model uses, are refused with them rather than carried as an untested case."""
     try:
         value = float(scale) if not isinstance(scale, (bool, str, bytes)) else None
     except (TypeError, ValueError, RuntimeError):
