@@ -131,6 +131,21 @@ __device__ __forceinline__ void transposed_times_rows_x2(float (&acc0)[DP / 8][4
   }
 }
 
+// A 16 x 16 block of T pairs in accumulator layout (r[0]: rows g, columns 0-7; r[1]: rows g + 8, columns 0-7; r[2] and
+// r[3] the same of columns 8-15) into a [row][col] shared tile of row pitch PITCH at (row0, col0): one stmatrix on
+// sm_90 and later, four 4-byte stores before.
+template <int PITCH, typename T>
+__device__ __forceinline__ void store_pairs_16x16(T* tile, int row0, int col0, const unsigned (&r)[4], int lane) {
+#if __CUDA_ARCH__ >= 900
+  stmatrix_x4(tile + (row0 + ((lane / 8) % 2) * 8 + lane % 8) * PITCH + col0 + (lane / 16) * 8, r);
+#else
+  const int g = lane / 4, c2 = (lane % 4) * 2;
+#pragma unroll
+  for (int m = 0; m < 4; ++m)
+    *reinterpret_cast<unsigned*>(tile + (row0 + g + (m % 2) * 8) * PITCH + col0 + (m / 2) * 8 + c2) = r[m];
+#endif
+}
+
 // Write a 16 x DP accumulator (rows row0.., times scale) through a row stride; rows >= N and columns >= D skipped.
 template <typename T, int N, int D, int DP>
 __device__ __forceinline__ void store_rows(const float (&acc)[DP / 8][4], T* dst, int row_stride, int row0,

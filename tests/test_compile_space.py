@@ -283,11 +283,12 @@ def test_backward_kinds_by_window_and_dtype_and_why_the_whole_window_kernel_stop
 
 # Tensor-core backward defaults that ptxas compiles with spills (bytes, sm_90); the tiled and CUDA-core defaults never
 # spill (default_backward checks). The list must shrink when they are fixed. The large-window layout at 144 tokens
-# with a bias keeps 72 dbias sums a lane under the 168 registers nine warps leave. Since its score accumulators start
-# at the bias term, ptxas parks six values around the barrier between its phases: 128 B, the most space.MAX_SPILL_BYTES
-# lets through (it was 28 B; the kernel is 3% faster: bench/results/nvidia-h100-80gb-hbm3-backward-bias-start.md). (The
-# 16 B of the masked window-7 defaults went when the bias and mask fill moved after the first loads.)
-KNOWN_BACKWARD_SPILLS_SM90 = {"bwd_n144_d32_bfloat16_b": 128}
+# with a bias keeps 72 dbias sums a lane under the 168 registers nine warps leave, and ptxas parks a few values around
+# the barrier between its phases: 88 B (28 B before its score accumulators started at the bias term, 128 B after, 88 B
+# since P and dS are stored by stmatrix and D is formed on the tensor cores:
+# bench/results/nvidia-h100-80gb-hbm3-backward-bias-start.md). (The 16 B of the masked window-7 defaults went when the
+# bias and mask fill moved after the first loads.)
+KNOWN_BACKWARD_SPILLS_SM90 = {"bwd_n144_d32_bfloat16_b": 88}
 
 
 @pytest.mark.parametrize("problem, arch", default_cases())
