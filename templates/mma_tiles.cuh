@@ -146,6 +146,17 @@ __device__ __forceinline__ void store_pairs_16x16(T* tile, int row0, int col0, c
 #endif
 }
 
+// The diagonal of a 16 x 16 accumulator tile (two 8-column tiles), where each lane needs it: its rows g and g + 8.
+// Element (row, row) sits in lane 4 (row % 8) + (row % 8) / 2. D = rowsum(dO * O) is the diagonal of dO O^T.
+__device__ __forceinline__ void diagonal_to_rows(const float (&tile)[2][4], float (&diagonal)[2], int lane) {
+  const int g = lane / 4, holder = 4 * g + g / 2;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float mine = g % 2 ? tile[r][2 * r + 1] : tile[r][2 * r];  // (row g + 8r, column g) where this lane holds it
+    diagonal[r] = __shfl_sync(0xffffffff, mine, holder);
+  }
+}
+
 // Write a 16 x DP accumulator (rows row0.., times scale) through a row stride; rows >= N and columns >= D skipped.
 template <typename T, int N, int D, int DP>
 __device__ __forceinline__ void store_rows(const float (&acc)[DP / 8][4], T* dst, int row_stride, int row0,
