@@ -92,14 +92,15 @@ template <> __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Four 8 x 8 tiles of 16-bit pairs from registers in mma fragment layout (lane: row lane / 4, columns 2 (lane % 4) and
-// the next) into shared memory; lanes 8m to 8m + 7 give the row addresses of tile m. sm_90 and later.
-__device__ __forceinline__ void stmatrix_x4(void* smem_row, const unsigned (&r)[4]) {
 #if __CUDA_ARCH__ >= 900
+// Four 8 x 8 tiles of 16-bit pairs from registers in mma fragment layout (lane: row lane / 4, columns 2 (lane % 4) and
+// the next) into shared memory; lanes 8m to 8m + 7 give the row addresses of tile m. sm_90 and later only
+// (store_pairs_16x16 stores 4 bytes at a time before).
+__device__ __forceinline__ void stmatrix_x4(void* smem_row, const unsigned (&r)[4]) {
   asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(smem_addr(smem_row)),
                "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3]));
-#endif
 }
+#endif
 
 // d = a b + c, c kept: products that start from a term (the backward's bias and mask) take it without a copy.
 template <typename T>
