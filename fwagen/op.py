@@ -226,6 +226,10 @@ class _EagerAutograd(torch.autograd.Function):
         return (*_split_qkv(dqkv), dbias, None, None, None)
 
 
+_SMALLEST_SCALE = torch.finfo(torch.float32).tiny
+_LARGEST_SCALE = torch.finfo(torch.float32).max
+
+
 def _check_scale(scale) -> None:
     """A scale must be a positive, finite, normal float32. The large-window backward divides the bias and mask by it
     (to start its score accumulators in the units of q k^T): zero or a subnormal would make that term infinite.
@@ -238,10 +242,6 @@ def _check_scale(scale) -> None:
         raise TypeError(f"scale: expected a number or None, got {type(scale).__name__}")
     if not (math.isfinite(value) and _SMALLEST_SCALE <= value <= _LARGEST_SCALE):
         raise ValueError(f"scale: expected a positive finite number (a normal float32), got {scale!r}")
-
-
-_SMALLEST_SCALE = torch.finfo(torch.float32).tiny
-_LARGEST_SCALE = torch.finfo(torch.float32).max
 
 
 def window_attention(q, k, v, bias=None, mask=None, scale=None, layout="bhnd"):
