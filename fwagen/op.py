@@ -230,8 +230,8 @@ _SMALLEST_SCALE = torch.finfo(torch.float32).tiny
 _LARGEST_SCALE = torch.finfo(torch.float32).max
 
 
-def _check_scale(scale) -> None:
-    """A scale must be a positive, finite, normal float32. The large-window backward divides the bias and mask by it
+def _checked_scale(scale) -> float:
+    """`scale` as a float, which must be a positive, finite, normal float32. The large-window backward divides the bias and mask by it
     (to start its score accumulators in the units of q k^T): zero or a subnormal would make that term infinite.
     Negative scales, which no Swin model uses, are refused with them rather than carried as an untested case."""
     try:
@@ -242,6 +242,7 @@ def _check_scale(scale) -> None:
         raise TypeError(f"scale: expected a number or None, got {type(scale).__name__}")
     if not (math.isfinite(value) and _SMALLEST_SCALE <= value <= _LARGEST_SCALE):
         raise ValueError(f"scale: expected a positive finite number (a normal float32), got {scale!r}")
+    return value
 
 
 def window_attention(q, k, v, bias=None, mask=None, scale=None, layout="bhnd"):
@@ -255,14 +256,12 @@ def window_attention(q, k, v, bias=None, mask=None, scale=None, layout="bhnd"):
     validate(q, k, v, bias, mask)
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    _check_scale(scale)
+    scale = _checked_scale(q.shape[-1] ** -0.5 if scale is None else scale)
     if not torch.compiler.is_compiling():  # a traced graph cannot warn; the eager call before it has
         reason = _no_kernel_reason(q)
         if reason is not None:
             _warn_once(reason, stacklevel=2)
-    scale, token_major = float(scale), layout == "bnc"
+    token_major = layout == "bnc"
     if torch.compiler.is_compiling():
         return torch.ops.fwagen.window_attention_fwd(q, k, v, bias, mask, scale, token_major)[0]
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad

@@ -168,8 +168,9 @@ def check_variants(problem, windows, heads, mask_windows, variants, scale=None):
         assert_within_twice_eager(got, eager, expected, dtype, label=f"{variant.key()} ")
 
 
-# The whole-window kernels fill (bias + mask) / scale, the units of q k^T, to start the score accumulators: scales far
-# from head_dim ** -0.5 on each side, for the default backward of Swin-T, window 12 and window 24.
+# The large-window kernel (window 12) fills (bias + mask) / scale, the units of q k^T, to start its score
+# accumulators: scales far from head_dim ** -0.5 on each side, for the default backward of Swin-T, window 12 and
+# window 24.
 @pytest.mark.parametrize("scale", [0.004, 2.5])
 @pytest.mark.parametrize("n, dtype", [(49, "float16"), (144, "bfloat16"), (576, "float16")])
 def test_default_backward_at_scales_far_from_the_default_matches_float64_autograd(n, dtype, scale):

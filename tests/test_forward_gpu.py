@@ -82,9 +82,8 @@ def test_default_variant_matches_float64_reference(case):
     check(variant, q, k, v, b, m, case["token_major"])
 
 
-# A resident bias and mask term is filled as (bias + mask) / scale, the units of q k^T, to start the score
-# accumulators, and the row maximum is taken before scaling: scales far from head_dim ** -0.5 on each side, for the
-# default variants of Swin-T, window 12 (resident) and window 24 (streamed).
+# Scales far from head_dim ** -0.5 on each side (the op accepts any positive normal float32), for the default variants
+# of Swin-T, window 12 (resident bias and mask term) and window 24 (streamed).
 @pytest.mark.parametrize("scale", [0.004, 2.5])
 @pytest.mark.parametrize("problem", [Problem(49, 32, "float16", True, True), Problem(144, 32, "bfloat16", True, True),
                                      Problem(576, 32, "float16", True, True)], ids=lambda p: p.key())
