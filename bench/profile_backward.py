@@ -1,7 +1,8 @@
 """Where a training step's time goes, per shape: the forward kernel, the backward kernel (and, for a split kernel,
 its dQ blocks alone), and the op's forward plus backward around them, as graph replays in one run.
-Usage: python3 bench/profile_backward.py [--shape NAME ...] [--dtype bfloat16] [--ncu]
-(--ncu: only launch the default backward a few times, for `ncu` to profile the last launch.)"""
+Usage: python3 bench/profile_backward.py [--shape NAME ...] [--dtype bfloat16] [--ncu [--dq-blocks-only]]
+(--ncu: only launch the default backward a few times, for `ncu` to profile the last launch; with --dq-blocks-only,
+a split kernel's last launches run its dQ blocks alone.)"""
 from __future__ import annotations
 
 
@@ -29,12 +30,17 @@ def dq_blocks_only(variant, q, mask):
 def main(argv=None):
     parser = script_arguments()
     parser.add_argument("--ncu", action="store_true")
+    parser.add_argument("--dq-blocks-only", action="store_true")
     args = parser.parse_args(argv)
+    if args.dq_blocks_only and not args.ncu:
+        parser.error("--dq-blocks-only goes with --ncu (the timed run reports the dQ blocks alone anyway)")
     print(torch.cuda.get_device_name())
     for shape in chosen_shapes(args.shape, ["w24-n576"]):
         x = backward_inputs(shape, args.dtype)
         backward = default_backward(Problem(shape.n, shape.d, args.dtype, True, True, "bwd"))
         if args.ncu:
+            if args.dq_blocks_only and backward.kind != "bwd_mma":
+                dq_blocks_only(backward, x.q, x.mask)
             for _ in range(3):
                 launch_backward(backward, *x.backward_args())
             torch.cuda.synchronize()
