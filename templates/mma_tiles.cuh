@@ -267,14 +267,26 @@ __device__ __forceinline__ void fill_logit_add_staged(float* add, float* staging
       cp_async_commit();
       cp_async_wait<0>();
       __syncthreads();  // the whole matrix is in `staging` (zeros past N)
+      // A float4 of `add` a step (rows r and r + 8, keys c and c + 1: two float2 of `staging`), not a float: a
+      // quarter of the index arithmetic, which took most of the fill's time.
       const bool last = pass == PASSES - 1;
-#pragma unroll 8
-      for (int idx = threadIdx.x; idx < NP * NP; idx += THREADS) {
-        const int e = idx % 4;
-        const int2 origin = accumulator_slot_origin<NP>(idx / 4);
-        const int query = origin.x + (e >= 2 ? 8 : 0), key = origin.y + (e & 1);
-        const float a = (pass > 0 ? add[idx] : 0.f) + staging[query * NP + key];
-        add[idx] = !last ? a : (key < N ? a * unit : -INFINITY);
+      float4* add4 = reinterpret_cast<float4*>(add);
+#pragma unroll 2
+      for (int slot = threadIdx.x; slot < NP * NP / 4; slot += THREADS) {
+        const int2 origin = accumulator_slot_origin<NP>(slot);
+        const float2 top = *reinterpret_cast<const float2*>(staging + origin.x * NP + origin.y);
+        const float2 bottom = *reinterpret_cast<const float2*>(staging + (origin.x + 8) * NP + origin.y);
+        float4 a = make_float4(top.x, top.y, bottom.x, bottom.y);
+        if (pass > 0) {
+          const float4 before = add4[slot];
+          a.x += before.x, a.y += before.y, a.z += before.z, a.w += before.w;
+        }
+        if (last) {
+          const bool in0 = origin.y < N, in1 = origin.y + 1 < N;
+          a = make_float4(in0 ? a.x * unit : -INFINITY, in1 ? a.y * unit : -INFINITY, in0 ? a.z * unit : -INFINITY,
+                          in1 ? a.w * unit : -INFINITY);
+        }
+        add4[slot] = a;
       }
       if (!last) __syncthreads();  // `staging` is read whole before the mask overwrites it
     }
