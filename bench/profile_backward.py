@@ -2,7 +2,7 @@
 its dQ blocks alone), and the op's forward plus backward around them, as graph replays in one run.
 Usage: python3 bench/profile_backward.py [--shape NAME ...] [--dtype bfloat16] [--ncu [--dq-blocks-only]]
 (--ncu: only launch the default backward a few times, for `ncu` to profile the last launch; with --dq-blocks-only,
-a split kernel's last launches run its dQ blocks alone.)"""
+a split kernel's launches run its dQ blocks alone.)"""
 from __future__ import annotations
 
 
@@ -39,7 +39,10 @@ def main(argv=None):
         x = backward_inputs(shape, args.dtype)
         backward = default_backward(Problem(shape.n, shape.d, args.dtype, True, True, "bwd"))
         if args.ncu:
-            if args.dq_blocks_only and backward.kind != "bwd_mma":
+            if args.dq_blocks_only:
+                if backward.kind == "bwd_mma":
+                    parser.error(f"--dq-blocks-only: {shape.name}'s default backward ({backward.key()}) is not split "
+                                 "into dQ and dK/dV blocks")
                 dq_blocks_only(backward, x.q, x.mask)
             for _ in range(3):
                 launch_backward(backward, *x.backward_args())
