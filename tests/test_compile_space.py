@@ -287,8 +287,8 @@ def test_backward_kinds_by_window_and_dtype_and_why_the_whole_window_kernel_stop
 # the barrier between its phases: 80 B (28 B before its score accumulators started at the bias term, 128 B after, 88 B
 # since P and dS are stored by stmatrix and D is formed on the tensor cores:
 # bench/results/nvidia-h100-80gb-hbm3-backward-bias-start.md; 80 B since its fill and dbias partial move float4 and
-# float2 at a time). (The 16 B of the masked window-7 defaults went when the
-# bias and mask fill moved after the first loads.)
+# float2 at a time). (The 16 B of the masked window-7 defaults went when the bias and mask fill moved after the first
+# loads.)
 KNOWN_BACKWARD_SPILLS_SM90 = {"bwd_n144_d32_bfloat16_b": 80}
 
 
