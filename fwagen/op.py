@@ -231,9 +231,10 @@ _LARGEST_SCALE = torch.finfo(torch.float32).max
 
 
 def _checked_scale(scale) -> float:
-    """`scale` as a float, which must be a positive, finite, normal float32. The large-window backward divides the bias and mask by it
-    (to start its score accumulators in the units of q k^T): zero or a subnormal would make that term infinite.
-    Negative scales, which no Swin model uses, are refused with them rather than carried as an untested case."""
+    """`scale` as a float, which must be a positive, finite, normal float32. The large-window backward divides the
+    bias and mask by it (to start its score accumulators in the units of q k^T): zero or a subnormal would make that
+    term infinite. Negative scales, which no Swin model uses, are refused with them rather than carried as an
+    untested case."""
     try:
         value = float(scale) if not isinstance(scale, (bool, str, bytes)) else None
     except (TypeError, ValueError, RuntimeError):
