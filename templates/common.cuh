@@ -77,21 +77,6 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* 
                : "r"(smem_addr(smem_row)));
 }
 
-// D = A * B + D, m16n8k16, fp32 accumulators.
-template <typename T> __device__ __forceinline__ void mma16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1);
-template <> __device__ __forceinline__ void mma16816<__half>(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <> __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 #if __CUDA_ARCH__ >= 900
 // Four 8 x 8 tiles of 16-bit pairs from registers in mma fragment layout (lane: row lane / 4, columns 2 (lane % 4) and
 // the next) into shared memory; lanes 8m to 8m + 7 give the row addresses of tile m. sm_90 and later only
@@ -102,7 +87,8 @@ __device__ __forceinline__ void stmatrix_x4(void* smem_row, const unsigned (&r)[
 }
 #endif
 
-// d = a b + c, c kept: products that start from a term (the backward's bias and mask) take it without a copy.
+// d = a b + c, m16n8k16, fp32 accumulators; c kept: products that start from a term (the backward's bias and mask)
+// take it without a copy.
 template <typename T>
 __device__ __forceinline__ void mma16816_from(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1,
                                               const float (&c)[4]);
@@ -121,6 +107,12 @@ __device__ __forceinline__ void mma16816_from<__nv_bfloat16>(float (&d)[4], cons
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%11,%12,%13};\n"
       : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+}
+
+// d = a b + d.
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+  mma16816_from<T>(d, a, b0, b1, d);
 }
 
 // Copy ROWS rows of COLS (a multiple of 16 bytes' worth) elements into shared memory with row pitch PITCH,
