@@ -1,5 +1,5 @@
-"""Launch grids of the split backward kernels (dQ blocks over splits of the windows, then dK/dV blocks), and of the
-forward's streamed kind.
+"""Launch grids of the split backward kernels (dQ blocks over splits of the windows, then dK/dV blocks), of the
+whole-window backward, and of the forward's streamed kind.
 
 The kernels rely on these invariants: every split has at least one window (its first window writes the split's
 dbias partial instead of adding to it, so an empty split would leave the partial unwritten), the partial sums stay
@@ -16,7 +16,7 @@ import pytest
 
 from fwagen.problem import Problem
 from fwagen.variant import (DBIAS_PARTIAL_BUDGET_BYTES, TILE_DBIAS_PARTIAL_BYTES, BackwardSimtVariant,
-                            BackwardTileVariant, ForwardStreamVariant, choose_tile_splits)
+                            BackwardTileVariant, BackwardVariant, ForwardStreamVariant, choose_tile_splits)
 
 # (windows, heads, mask windows): the bench's Swin shapes and small odd ones.
 CALLS = [(8192, 3, 64), (2048, 4, 64), (1024, 4, 64), (256, 8, 16), (128, 24, 0), (5, 2, 0), (12, 2, 4), (3, 7, 1)]
@@ -62,6 +62,20 @@ def test_cuda_core_grid_gives_every_split_a_window_and_bounds_the_partial_sums()
         assert splits == 1 or splits * heads * n * n * 4 <= DBIAS_PARTIAL_BUDGET_BYTES
         owners = heads * variant.chunks_per_item
         assert blocks == owners * splits + windows * owners
+
+
+def test_whole_window_grid_is_at_most_one_wave_of_head_and_mask_window_pairs():
+    # bwd_mma.cu.j2 and bwd_mma_large.cu.j2: block i holds pair i / splits (head, mask window) and walks every
+    # splits-th of its windows, summing its dbias partial in one place; a second, nearly empty wave would cost a whole
+    # wave's time, so splits round down (a pair has one block even where pairs outnumber what the GPU holds).
+    for n, (windows, heads, mask_windows), resident in itertools.product((64, 144), CALLS, RESIDENT):
+        variant = BackwardVariant(Problem(n, 32, "bfloat16", True, mask_windows > 0, "bwd"))
+        blocks, splits = variant.grid(windows, heads, mask_windows, resident)
+        pairs = heads * max(mask_windows, 1)
+        assert blocks == pairs * splits and 1 <= splits <= max(windows // max(mask_windows, 1), 1)
+        assert blocks <= max(resident, pairs)
+        assert variant.dbias_partials(heads, mask_windows, splits) == ((max(mask_windows, 1), heads, splits, n, n),
+                                                                       (0, 2))
 
 
 def test_no_windows_launch_nothing():
