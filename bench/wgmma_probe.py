@@ -1,0 +1,327 @@
+"""Warpgroup MMA (wgmma) on head-dim-32 attention tiles, against mma.sync: the evidence for a wgmma kernel's design.
+
+Usage: python3 bench/wgmma_probe.py   (an H100 or H200; CuPy compiles the probes for sm_90a)
+
+Not part of the package (fwagen's kernels use mma.sync). It checks that the shared-memory layouts and descriptors
+below give correct products, then times the tile loop of an attention kernel both ways, with and without an online
+softmax. The products, A always from registers in mma.sync's fragment layout (`ldmatrix` of a [row][d] tile):
+- S = Q K^T, 64 x 64, k = 32: B is K as a kernel stores it, [key][d], "K-major";
+- O = P V, 64 x 32, k = 64: B is V as stored, [key][d], "MN-major", transposed by the instruction (imm-trans-b = 1).
+Layouts of a [64][32] bf16 tile (rows of 64 bytes), with the descriptor's leading and stride byte offsets (LBO, SBO):
+- 0: 64-byte swizzle (16-byte chunk c of row r at c ^ (r / 2) % 4), SBO 512 (eight rows); LBO unused at 32 columns;
+- 1: no swizzle, 8 x 16-byte core matrices, core (r / 8, c) at (r / 8) * 512 + c * 128;
+- 2: no swizzle, core (r / 8, c) at (r / 8) * 128 + c * 1024.
+For both products and both unswizzled layouts LBO is the stride between core matrices along k and SBO along m or n
+(for O = P V, k runs over V's rows). Results: bench/results/nvidia-h100-80gb-hbm3-wgmma-probe.md.
+"""
+from __future__ import annotations
+
+import cupy as cp
+import torch
+
+from fwagen.timing import interleaved, matmul_tflops
+
+# (layout, LBO, SBO, swizzle mode of the descriptor: 2 = 64 bytes, 0 = none) that give correct products.
+S_LAYOUTS = [(0, 16, 512, 2), (1, 128, 512, 0), (2, 1024, 128, 0)]
+O_LAYOUTS = [(0, 16, 512, 2), (1, 512, 128, 0), (2, 128, 1024, 0)]
+REPS = 4096  # tile iterations a warpgroup in the timing loops
+
+
+def wgmma_function(name: str, n: int, transpose_b: int) -> str:
+    """A device function issuing wgmma m64n{n}k16, f32 += bf16 x bf16, A from registers, B by descriptor."""
+    outputs = n // 2  # 64 x n floats over 128 threads
+    d = ", ".join(f"%{i}" for i in range(outputs))
+    a = ", ".join(f"%{outputs + i}" for i in range(4))
+    asm = (f'"{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{outputs + 5}, 0;\\n'
+           f'wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 {{{d}}}, {{{a}}}, %{outputs + 4}, p, 1, 1, '
+           f'{transpose_b};\\n}}\\n"')
+    constraints = ", ".join(f'"+f"(c[{i}])' for i in range(outputs))
+    inputs = ", ".join(f'"r"(a[{i}])' for i in range(4)) + ', "l"(desc), "r"(accumulate)'
+    return (f"__device__ __forceinline__ void {name}(float (&c)[{outputs}], const unsigned (&a)[4], "
+            f"unsigned long long desc, int accumulate) {{\n  asm volatile({asm} : {constraints} : {inputs});\n}}\n")
+
+
+SOURCE = r"""
+#include <cuda_bf16.h>
+typedef __nv_bfloat16 T;
+__device__ __forceinline__ unsigned smem_u32(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+// Bits 0-13 address / 16, 16-29 LBO / 16, 32-45 SBO / 16, 62-63 swizzle mode (PTX ISA, matrix descriptor).
+__device__ __forceinline__ unsigned long long make_desc(const void* p, int lbo, int sbo, int swizzle) {
+  unsigned long long d = (unsigned long long)((smem_u32(p) & 0x3FFFF) >> 4);
+  d |= (unsigned long long)((lbo >> 4) & 0x3FFF) << 16;
+  d |= (unsigned long long)((sbo >> 4) & 0x3FFF) << 32;
+  return d | (unsigned long long)swizzle << 62;
+}
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const T* p, bool trans = false) {
+  if (trans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)));
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)));
+}
+__device__ __forceinline__ void mma16816(float* d, const unsigned (&a)[4], unsigned b0, unsigned b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ unsigned pack_bf16(float x, float y) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
+  return *reinterpret_cast<unsigned*>(&h);
+}
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+// Generic-proxy shared-memory writes made visible to wgmma's reads (then a barrier).
+__device__ __forceinline__ void async_proxy_fence() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+WGMMA_FUNCTIONS
+// Byte offset of 16-byte chunk c (0-3) of row r of a [rows][32] bf16 tile in layout 0, 1 or 2 (see the docstring).
+__device__ __forceinline__ int tile_offset(int layout, int r, int c, int rows) {
+  if (layout == 0) return r * 64 + ((c ^ ((r >> 1) & 3)) * 16);
+  if (layout == 1) return (r / 8) * 512 + c * 128 + (r % 8) * 16;
+  return (r / 8) * 128 + c * (rows / 8) * 128 + (r % 8) * 16;
+}
+// Byte step of the descriptor's address for 16 more columns (S: chunks 2kk, 2kk + 1) or 16 more rows (O: V's keys).
+__device__ __forceinline__ int k_step_s(int layout) { return layout == 0 ? 32 : (layout == 1 ? 256 : 2048); }
+__device__ __forceinline__ int k_step_o(int layout) { return layout == 0 ? 1024 : (layout == 1 ? 1024 : 256); }
+// Rows [64][32] of `src` into a padded [64][PITCH] tile (for ldmatrix) or `layout`.
+template <int COLS, int PITCH>
+__device__ __forceinline__ void load_padded(T* dst, const T* src) {
+  for (int i = threadIdx.x; i < 64 * COLS / 8; i += blockDim.x)
+    *reinterpret_cast<uint4*>(dst + (i / (COLS / 8)) * PITCH + (i % (COLS / 8)) * 8) =
+        reinterpret_cast<const uint4*>(src)[i];
+}
+__device__ __forceinline__ void load_laid_out(unsigned char* dst, const T* src, int layout) {
+  for (int i = threadIdx.x; i < 64 * 4; i += blockDim.x)
+    *reinterpret_cast<uint4*>(dst + tile_offset(layout, i / 4, i % 4, 64)) = reinterpret_cast<const uint4*>(src)[i];
+}
+// Accumulator layout (per warp as mma.sync's C): c[4j + e] is row 16 warp + lane / 4 (+ 8 for e >= 2), column
+// 8j + 2 (lane % 4) + e % 2.
+template <int COLS>
+__device__ __forceinline__ void store_accumulators(float* out, const float* c) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int j = 0; j < COLS / 8; ++j)
+    for (int e = 0; e < 4; ++e)
+      out[(warp * 16 + lane / 4 + (e >= 2 ? 8 : 0)) * COLS + j * 8 + (lane % 4) * 2 + (e & 1)] = c[4 * j + e];
+}
+
+extern "C" __global__ void __launch_bounds__(128) check_s(const T* q, const T* k, float* out, int layout, int lbo,
+                                                        int sbo, int swizzle) {
+  __shared__ __align__(1024) unsigned char sk[32768];  // 4 KB used: a wrong stride still reads in bounds
+  __shared__ __align__(128) T sq[64 * 40];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  load_laid_out(sk, k, layout);
+  load_padded<32, 40>(sq, q);
+  async_proxy_fence();
+  __syncthreads();
+  unsigned a[2][4];
+  for (int kk = 0; kk < 2; ++kk) ldmatrix_x4(a[kk], sq + (warp * 16 + lane % 16) * 40 + kk * 16 + (lane / 16) * 8);
+  float c[32];
+  wgmma_fence();
+  for (int kk = 0; kk < 2; ++kk) mma_s(c, a[kk], make_desc(sk + kk * k_step_s(layout), lbo, sbo, swizzle), kk);
+  wgmma_commit();
+  wgmma_wait();
+  store_accumulators<64>(out, c);
+}
+
+extern "C" __global__ void __launch_bounds__(128) check_o(const T* p, const T* v, float* out, int layout, int lbo,
+                                                        int sbo, int swizzle) {
+  __shared__ __align__(1024) unsigned char sv[32768];
+  __shared__ __align__(128) T sp[64 * 72];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  load_laid_out(sv, v, layout);
+  load_padded<64, 72>(sp, p);
+  async_proxy_fence();
+  __syncthreads();
+  unsigned a[4][4];
+  for (int kk = 0; kk < 4; ++kk) ldmatrix_x4(a[kk], sp + (warp * 16 + lane % 16) * 72 + kk * 16 + (lane / 16) * 8);
+  float c[16];
+  wgmma_fence();
+  for (int kk = 0; kk < 4; ++kk) mma_o(c, a[kk], make_desc(sv + kk * k_step_o(layout), lbo, sbo, swizzle), kk);
+  wgmma_commit();
+  wgmma_wait();
+  store_accumulators<32>(out, c);
+}
+
+// The online softmax of the 16 rows x 64 keys a thread's warp holds (32 scores a thread, rows g and g + 8), P packed
+// as the A fragments of P V, O's rows rescaled: what an attention kernel does between its two products.
+template <int NO>
+__device__ __forceinline__ void softmax_step(float (&c)[32], float (&o)[NO], float (&m)[2], float (&l)[2],
+                                             unsigned (&pa)[4][4]) {
+  const float scale_log2 = 0.25f;
+  for (int r = 0; r < 2; ++r) {
+    float mx = m[r];
+    for (int j = 0; j < 8; ++j) mx = fmaxf(mx, fmaxf(c[4 * j + 2 * r], c[4 * j + 2 * r + 1]) * scale_log2);
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float alpha = fast_exp2(m[r] - mx);
+    float sum = 0.f;
+    for (int j = 0; j < 8; ++j)
+      for (int e = 0; e < 2; ++e) {
+        const float p = fast_exp2(fmaf(c[4 * j + 2 * r + e], scale_log2, -mx));
+        c[4 * j + 2 * r + e] = p;
+        sum += p;
+      }
+    l[r] = l[r] * alpha + sum;
+    m[r] = mx;
+    for (int i = 0; i < NO; ++i)
+      if ((i / 2) % 2 == r) o[i] *= alpha;
+  }
+  for (int kk = 0; kk < 4; ++kk)
+    for (int x = 0; x < 4; ++x) pa[kk][x] = pack_bf16(c[8 * kk + 2 * x], c[8 * kk + 2 * x + 1]);
+}
+
+// Each block (one warpgroup) repeats S = Q K^T and O += P V on tiles resident in shared memory (layout 0); P is S
+// scaled and packed (SOFTMAX = false) or its online softmax (true).
+template <bool SOFTMAX>
+__device__ void loop_wgmma(const T* q, const T* k, const T* v, float* out, int reps) {
+  __shared__ __align__(1024) unsigned char sk[64 * 64];
+  __shared__ __align__(1024) unsigned char sv[64 * 64];
+  __shared__ __align__(128) T sq[64 * 40];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  load_laid_out(sk, k, 0);
+  load_laid_out(sv, v, 0);
+  load_padded<32, 40>(sq, q);
+  async_proxy_fence();
+  __syncthreads();
+  unsigned a[2][4];
+  for (int kk = 0; kk < 2; ++kk) ldmatrix_x4(a[kk], sq + (warp * 16 + lane % 16) * 40 + kk * 16 + (lane / 16) * 8);
+  float o[16] = {}, m[2] = {-1e30f, -1e30f}, l[2] = {};
+  for (int r = 0; r < reps; ++r) {
+    float c[32];
+    wgmma_fence();
+    for (int kk = 0; kk < 2; ++kk) mma_s(c, a[kk], make_desc(sk + kk * 32, 16, 512, 2), kk);
+    wgmma_commit();
+    wgmma_wait();
+    unsigned pa[4][4];
+    if (SOFTMAX) {
+      softmax_step(c, o, m, l, pa);
+    } else {
+      for (int kk = 0; kk < 4; ++kk)
+        for (int x = 0; x < 4; ++x) pa[kk][x] = pack_bf16(c[8 * kk + 2 * x] * 1e-3f, c[8 * kk + 2 * x + 1] * 1e-3f);
+    }
+    wgmma_fence();
+    for (int kk = 0; kk < 4; ++kk) mma_o(o, pa[kk], make_desc(sv + kk * 1024, 16, 512, 2), 1);
+    wgmma_commit();
+    if (SOFTMAX) wgmma_wait();  // the next softmax rescales o
+  }
+  wgmma_wait();
+  float sum = l[0] + l[1];
+  for (int i = 0; i < 16; ++i) sum += o[i];
+  out[blockIdx.x * 128 + threadIdx.x] = sum;
+}
+
+// The same with mma.sync: each warp its 16 rows, B fragments by ldmatrix from padded tiles.
+template <bool SOFTMAX>
+__device__ void loop_mma(const T* q, const T* k, const T* v, float* out, int reps) {
+  __shared__ __align__(128) T sk[64 * 40];
+  __shared__ __align__(128) T sv[64 * 40];
+  __shared__ __align__(128) T sq[64 * 40];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  load_padded<32, 40>(sk, k);
+  load_padded<32, 40>(sv, v);
+  load_padded<32, 40>(sq, q);
+  __syncthreads();
+  unsigned a[2][4];
+  for (int kk = 0; kk < 2; ++kk) ldmatrix_x4(a[kk], sq + (warp * 16 + lane % 16) * 40 + kk * 16 + (lane / 16) * 8);
+  float o[16] = {}, m[2] = {-1e30f, -1e30f}, l[2] = {};
+  for (int r = 0; r < reps; ++r) {
+    float c[32] = {};
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk)
+#pragma unroll
+      for (int jj = 0; jj < 4; ++jj) {
+        unsigned b[4];
+        ldmatrix_x4(b, sk + (jj * 16 + (lane / 16) * 8 + lane % 8) * 40 + kk * 16 + ((lane / 8) % 2) * 8);
+        mma16816(c + 8 * jj, a[kk], b[0], b[1]);
+        mma16816(c + 8 * jj + 4, a[kk], b[2], b[3]);
+      }
+    unsigned pa[4][4];
+    if (SOFTMAX) {
+      softmax_step(c, o, m, l, pa);
+    } else {
+      for (int kk = 0; kk < 4; ++kk)
+        for (int x = 0; x < 4; ++x) pa[kk][x] = pack_bf16(c[8 * kk + 2 * x] * 1e-3f, c[8 * kk + 2 * x + 1] * 1e-3f);
+    }
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+      for (int jj = 0; jj < 2; ++jj) {
+        unsigned b[4];
+        ldmatrix_x4(b, sv + (kk * 16 + lane % 16) * 40 + jj * 16 + (lane / 16) * 8, true);
+        mma16816(o + 8 * jj, pa[kk], b[0], b[1]);
+        mma16816(o + 8 * jj + 4, pa[kk], b[2], b[3]);
+      }
+  }
+  float sum = l[0] + l[1];
+  for (int i = 0; i < 16; ++i) sum += o[i];
+  out[blockIdx.x * 128 + threadIdx.x] = sum;
+}
+
+#define LOOP(name, body) \
+  extern "C" __global__ void __launch_bounds__(128) name(const T* q, const T* k, const T* v, float* out, int reps) \
+  { body(q, k, v, out, reps); }
+LOOP(wgmma_products, loop_wgmma<false>)
+LOOP(wgmma_softmax, loop_wgmma<true>)
+LOOP(mma_products, loop_mma<false>)
+LOOP(mma_softmax, loop_mma<true>)
+"""
+
+
+def module() -> cp.RawModule:
+    functions = wgmma_function("mma_s", 64, 0) + wgmma_function("mma_o", 32, 1)
+    return cp.RawModule(code=SOURCE.replace("WGMMA_FUNCTIONS", functions), options=("-arch=sm_90a", "-std=c++17"),
+                        backend="nvrtc")
+
+
+def pointer(t: torch.Tensor) -> cp.uint64:
+    return cp.uint64(t.data_ptr())
+
+
+def check_layouts(mod: cp.RawModule, q, k, p, v) -> None:
+    for label, kernel, a, b, layouts, expected in (
+            ("S = Q K^T", "check_s", q, k, S_LAYOUTS, q.float() @ k.float().T),
+            ("O = P V", "check_o", p, v, O_LAYOUTS, p.float() @ v.float())):
+        for layout, lbo, sbo, swizzle in layouts:
+            out = torch.full(expected.shape, float("nan"), device="cuda")
+            mod.get_function(kernel)((1,), (128,), (pointer(a), pointer(b), pointer(out), cp.int32(layout),
+                                                    cp.int32(lbo), cp.int32(sbo), cp.int32(swizzle)))
+            error = (out - expected).abs().max().item()
+            print(f"{label}: layout {layout}, LBO {lbo}, SBO {sbo}, swizzle {swizzle}: max error {error:.2g}")
+            assert error < 1e-3, "a layout the docstring calls correct is not"
+
+
+def time_loops(mod: cp.RawModule, q, k, v) -> None:
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    out = torch.empty(sms * 8 * 128, device="cuda")
+    print(f"\nbf16 matmul (torch, 8192^3): {matmul_tflops('bfloat16'):.0f} TFLOP/s")
+    print("| loop | warpgroups a multiprocessor | ms | matrix TFLOP/s |\n|---|---:|---:|---:|")
+    for loop in ("wgmma_products", "mma_products", "wgmma_softmax", "mma_softmax"):
+        function = mod.get_function(loop)
+        calls = {per_sm: (lambda blocks=sms * per_sm: function(
+            (blocks,), (128,), (pointer(q), pointer(k), pointer(v), pointer(out), cp.int32(REPS))))
+            for per_sm in (1, 2, 4, 8)}
+        timings = interleaved(calls, rounds=10, warmup=2, flush_l2=False)
+        for per_sm, timing in timings.items():
+            flops = sms * per_sm * REPS * 2 * (64 * 64 * 32 + 64 * 32 * 64)
+            print(f"| {loop} | {per_sm} | {timing.median_ms:.3f} | {flops / timing.median_ms / 1e9:.0f} |")
+
+
+def main() -> None:
+    print(torch.cuda.get_device_name())
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(64, 32, device="cuda").bfloat16() for _ in range(3))
+    p = torch.rand(64, 64, device="cuda").bfloat16()
+    mod = module()
+    check_layouts(mod, q, k, p, v)
+    time_loops(mod, q, k, v)
+
+
+if __name__ == "__main__":
+    main()
