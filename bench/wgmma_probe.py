@@ -217,22 +217,41 @@ __device__ void loop_wgmma(const T* q, const T* k, const T* v, float* out, int r
   out[blockIdx.x * 128 + threadIdx.x] = sum;
 }
 
-// The same with mma.sync: each warp its 16 rows, B fragments by ldmatrix from padded tiles.
-template <bool SOFTMAX>
+// The same with mma.sync: each warp its 16 rows, B fragments by ldmatrix from padded tiles. ADDS float32 terms
+// (fwagen's streamed bias and mask tiles, [64][72]; here both read from one tile, 48 KB of static shared memory
+// holding no more) start the scores, read from shared memory at every tile, and SYNCS barriers a tile stand for a
+// kernel's two a step (its tiles loaded, then free): what each costs in steady state.
+template <bool SOFTMAX, int ADDS = 0, int SYNCS = 0>
 __device__ void loop_mma(const T* q, const T* k, const T* v, float* out, int reps) {
   __shared__ __align__(128) T sk[64 * 40];
   __shared__ __align__(128) T sv[64 * 40];
   __shared__ __align__(128) T sq[64 * 40];
+  __shared__ __align__(16) float sadd[64 * 72];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   load_padded<32, 40>(sk, k);
   load_padded<32, 40>(sv, v);
   load_padded<32, 40>(sq, q);
+  for (int i = threadIdx.x; i < 64 * 72; i += blockDim.x) sadd[i] = 0.01f * (i % 7);
   __syncthreads();
   unsigned a[2][4];
   for (int kk = 0; kk < 2; ++kk) ldmatrix_x4(a[kk], sq + (warp * 16 + lane % 16) * 40 + kk * 16 + (lane / 16) * 8);
   float o[16] = {}, m[2] = {-1e30f, -1e30f}, l[2] = {};
   for (int r = 0; r < reps; ++r) {
+    if (SYNCS > 0) __syncthreads();
+    asm volatile("" ::: "memory");  // the terms are read at every tile, as a kernel's new tiles would be
     float c[32] = {};
+#pragma unroll
+    for (int j = 0; j < 8 * (ADDS > 0); ++j)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int at = (warp * 16 + lane / 4 + 8 * half) * 72 + j * 8 + (lane % 4) * 2;
+        float2 x = *reinterpret_cast<const float2*>(&sadd[at]);
+        if (ADDS > 1) {
+          const float2 y = *reinterpret_cast<const float2*>(&sadd[at ^ 8]);
+          x.x += y.x, x.y += y.y;
+        }
+        c[4 * j + 2 * half] = x.x, c[4 * j + 2 * half + 1] = x.y;
+      }
 #pragma unroll
     for (int kk = 0; kk < 2; ++kk)
 #pragma unroll
@@ -258,6 +277,7 @@ __device__ void loop_mma(const T* q, const T* k, const T* v, float* out, int rep
         mma16816(o + 8 * jj, pa[kk], b[0], b[1]);
         mma16816(o + 8 * jj + 4, pa[kk], b[2], b[3]);
       }
+    if (SYNCS > 1) __syncthreads();
   }
   float sum = l[0] + l[1];
   for (int i = 0; i < 16; ++i) sum += o[i];
@@ -271,6 +291,9 @@ LOOP(wgmma_products, loop_wgmma<false>)
 LOOP(wgmma_softmax, loop_wgmma<true>)
 LOOP(mma_products, loop_mma<false>)
 LOOP(mma_softmax, loop_mma<true>)
+LOOP(mma_softmax_bias, (loop_mma<true, 1>))
+LOOP(mma_softmax_bias_mask, (loop_mma<true, 2>))
+LOOP(mma_softmax_bias_mask_2_syncs, (loop_mma<true, 2, 2>))
 """
 
 
@@ -302,7 +325,8 @@ def time_loops(mod: cp.RawModule, q, k, v) -> None:
     out = torch.empty(sms * 8 * 128, device="cuda")
     print(f"\nbf16 matmul (torch, 8192^3): {matmul_tflops('bfloat16'):.0f} TFLOP/s")
     print("| loop | warpgroups a multiprocessor | ms | matrix TFLOP/s |\n|---|---:|---:|---:|")
-    for loop in ("wgmma_products", "mma_products", "wgmma_softmax", "mma_softmax"):
+    for loop in ("wgmma_products", "mma_products", "wgmma_softmax", "mma_softmax", "mma_softmax_bias",
+                 "mma_softmax_bias_mask", "mma_softmax_bias_mask_2_syncs"):
         function = mod.get_function(loop)
         calls = {per_sm: (lambda blocks=sms * per_sm: function(
             (blocks,), (128,), (pointer(q), pointer(k), pointer(v), pointer(out), cp.int32(REPS))))
