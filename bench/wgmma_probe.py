@@ -19,6 +19,7 @@ from __future__ import annotations
 import cupy as cp
 import torch
 
+from fwagen.render import template_dir
 from fwagen.timing import interleaved, matmul_tflops
 
 # (layout, LBO, SBO, swizzle mode of the descriptor: 2 = 64 bytes, 0 = none) that give correct products.
@@ -42,38 +43,15 @@ def wgmma_function(name: str, n: int, transpose_b: int) -> str:
 
 
 SOURCE = r"""
-#include <cuda_bf16.h>
+#include "common.cuh"  // fwagen's own ldmatrix, mma.sync, packing and exponential
+using namespace fwagen;
 typedef __nv_bfloat16 T;
-__device__ __forceinline__ unsigned smem_u32(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
 // Bits 0-13 address / 16, 16-29 LBO / 16, 32-45 SBO / 16, 62-63 swizzle mode (PTX ISA, matrix descriptor).
 __device__ __forceinline__ unsigned long long make_desc(const void* p, int lbo, int sbo, int swizzle) {
-  unsigned long long d = (unsigned long long)((smem_u32(p) & 0x3FFFF) >> 4);
+  unsigned long long d = (unsigned long long)((smem_addr(p) & 0x3FFFF) >> 4);
   d |= (unsigned long long)((lbo >> 4) & 0x3FFF) << 16;
   d |= (unsigned long long)((sbo >> 4) & 0x3FFF) << 32;
   return d | (unsigned long long)swizzle << 62;
-}
-__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const T* p, bool trans = false) {
-  if (trans)
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)));
-  else
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)));
-}
-__device__ __forceinline__ void mma16816(float* d, const unsigned (&a)[4], unsigned b0, unsigned b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-               "{%0,%1,%2,%3};"
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-__device__ __forceinline__ unsigned pack_bf16(float x, float y) {
-  __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
-  return *reinterpret_cast<unsigned*>(&h);
-}
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
 }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
@@ -81,6 +59,8 @@ __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sy
 // Generic-proxy shared-memory writes made visible to wgmma's reads (then a barrier).
 __device__ __forceinline__ void async_proxy_fence() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 WGMMA_FUNCTIONS
+// The j-th group of four accumulators (one m16n8 tile) of a flat array, as mma16816 takes it.
+__device__ __forceinline__ float (&quad(float* c, int j))[4] { return *reinterpret_cast<float(*)[4]>(c + 4 * j); }
 // Byte offset of 16-byte chunk c (0-3) of row r of a [rows][32] bf16 tile in layout 0, 1 or 2 (see the docstring).
 __device__ __forceinline__ int tile_offset(int layout, int r, int c, int rows) {
   if (layout == 0) return r * 64 + ((c ^ ((r >> 1) & 3)) * 16);
@@ -111,43 +91,40 @@ __device__ __forceinline__ void store_accumulators(float* out, const float* c) {
       out[(warp * 16 + lane / 4 + (e >= 2 ? 8 : 0)) * COLS + j * 8 + (lane % 4) * 2 + (e & 1)] = c[4 * j + e];
 }
 
-extern "C" __global__ void __launch_bounds__(128) check_s(const T* q, const T* k, float* out, int layout, int lbo,
-                                                        int sbo, int swizzle) {
-  __shared__ __align__(1024) unsigned char sk[32768];  // 4 KB used: a wrong stride still reads in bounds
-  __shared__ __align__(128) T sq[64 * 40];
+// One product checked: S = Q K^T (a: Q, 64 x 32; b: K, K-major; 64 x 64 out) or O = P V (a: P, 64 x 64; b: V,
+// MN-major; 64 x 32 out).
+template <bool S>
+__device__ void check_product(const T* a_src, const T* b_src, float* out, int layout, int lbo, int sbo, int swizzle) {
+  constexpr int A_COLS = S ? 32 : 64, PITCH = A_COLS + 8, OUT_COLS = S ? 64 : 32;
+  __shared__ __align__(1024) unsigned char sb[32768];  // 4 KB used: a wrong stride still reads in bounds
+  __shared__ __align__(128) T sa[64 * PITCH];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  load_laid_out(sk, k, layout);
-  load_padded<32, 40>(sq, q);
+  load_laid_out(sb, b_src, layout);
+  load_padded<A_COLS, PITCH>(sa, a_src);
   async_proxy_fence();
   __syncthreads();
-  unsigned a[2][4];
-  for (int kk = 0; kk < 2; ++kk) ldmatrix_x4(a[kk], sq + (warp * 16 + lane % 16) * 40 + kk * 16 + (lane / 16) * 8);
-  float c[32];
+  unsigned a[A_COLS / 16][4];
+  for (int kk = 0; kk < A_COLS / 16; ++kk)
+    ldmatrix_x4(a[kk], sa + (warp * 16 + lane % 16) * PITCH + kk * 16 + (lane / 16) * 8);
+  float c[OUT_COLS / 2];
   wgmma_fence();
-  for (int kk = 0; kk < 2; ++kk) mma_s(c, a[kk], make_desc(sk + kk * k_step_s(layout), lbo, sbo, swizzle), kk);
+  for (int kk = 0; kk < A_COLS / 16; ++kk) {
+    if constexpr (S)
+      mma_s(c, a[kk], make_desc(sb + kk * k_step_s(layout), lbo, sbo, swizzle), kk);
+    else
+      mma_o(c, a[kk], make_desc(sb + kk * k_step_o(layout), lbo, sbo, swizzle), kk);
+  }
   wgmma_commit();
   wgmma_wait();
-  store_accumulators<64>(out, c);
+  store_accumulators<OUT_COLS>(out, c);
 }
 
-extern "C" __global__ void __launch_bounds__(128) check_o(const T* p, const T* v, float* out, int layout, int lbo,
-                                                        int sbo, int swizzle) {
-  __shared__ __align__(1024) unsigned char sv[32768];
-  __shared__ __align__(128) T sp[64 * 72];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  load_laid_out(sv, v, layout);
-  load_padded<64, 72>(sp, p);
-  async_proxy_fence();
-  __syncthreads();
-  unsigned a[4][4];
-  for (int kk = 0; kk < 4; ++kk) ldmatrix_x4(a[kk], sp + (warp * 16 + lane % 16) * 72 + kk * 16 + (lane / 16) * 8);
-  float c[16];
-  wgmma_fence();
-  for (int kk = 0; kk < 4; ++kk) mma_o(c, a[kk], make_desc(sv + kk * k_step_o(layout), lbo, sbo, swizzle), kk);
-  wgmma_commit();
-  wgmma_wait();
-  store_accumulators<32>(out, c);
-}
+#define CHECK(name, s) \
+  extern "C" __global__ void __launch_bounds__(128) name(const T* a, const T* b, float* out, int layout, int lbo, \
+                                                         int sbo, int swizzle) \
+  { check_product<s>(a, b, out, layout, lbo, sbo, swizzle); }
+CHECK(check_s, true)
+CHECK(check_o, false)
 
 // The online softmax of the 16 rows x 64 keys a thread's warp holds (32 scores a thread, rows g and g + 8), P packed
 // as the A fragments of P V, O's rows rescaled: what an attention kernel does between its two products.
@@ -174,7 +151,7 @@ __device__ __forceinline__ void softmax_step(float (&c)[32], float (&o)[NO], flo
       if ((i / 2) % 2 == r) o[i] *= alpha;
   }
   for (int kk = 0; kk < 4; ++kk)
-    for (int x = 0; x < 4; ++x) pa[kk][x] = pack_bf16(c[8 * kk + 2 * x], c[8 * kk + 2 * x + 1]);
+    for (int x = 0; x < 4; ++x) pa[kk][x] = pack2<T>(c[8 * kk + 2 * x], c[8 * kk + 2 * x + 1]);
 }
 
 // Each block (one warpgroup) repeats S = Q K^T and O += P V on tiles resident in shared memory (layout 0); P is S
@@ -204,7 +181,7 @@ __device__ void loop_wgmma(const T* q, const T* k, const T* v, float* out, int r
       softmax_step(c, o, m, l, pa);
     } else {
       for (int kk = 0; kk < 4; ++kk)
-        for (int x = 0; x < 4; ++x) pa[kk][x] = pack_bf16(c[8 * kk + 2 * x] * 1e-3f, c[8 * kk + 2 * x + 1] * 1e-3f);
+        for (int x = 0; x < 4; ++x) pa[kk][x] = pack2<T>(c[8 * kk + 2 * x] * 1e-3f, c[8 * kk + 2 * x + 1] * 1e-3f);
     }
     wgmma_fence();
     for (int kk = 0; kk < 4; ++kk) mma_o(o, pa[kk], make_desc(sv + kk * 1024, 16, 512, 2), 1);
@@ -258,24 +235,24 @@ __device__ void loop_mma(const T* q, const T* k, const T* v, float* out, int rep
       for (int jj = 0; jj < 4; ++jj) {
         unsigned b[4];
         ldmatrix_x4(b, sk + (jj * 16 + (lane / 16) * 8 + lane % 8) * 40 + kk * 16 + ((lane / 8) % 2) * 8);
-        mma16816(c + 8 * jj, a[kk], b[0], b[1]);
-        mma16816(c + 8 * jj + 4, a[kk], b[2], b[3]);
+        mma16816<T>(quad(c, 2 * jj), a[kk], b[0], b[1]);
+        mma16816<T>(quad(c, 2 * jj + 1), a[kk], b[2], b[3]);
       }
     unsigned pa[4][4];
     if (SOFTMAX) {
       softmax_step(c, o, m, l, pa);
     } else {
       for (int kk = 0; kk < 4; ++kk)
-        for (int x = 0; x < 4; ++x) pa[kk][x] = pack_bf16(c[8 * kk + 2 * x] * 1e-3f, c[8 * kk + 2 * x + 1] * 1e-3f);
+        for (int x = 0; x < 4; ++x) pa[kk][x] = pack2<T>(c[8 * kk + 2 * x] * 1e-3f, c[8 * kk + 2 * x + 1] * 1e-3f);
     }
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
       for (int jj = 0; jj < 2; ++jj) {
         unsigned b[4];
-        ldmatrix_x4(b, sv + (kk * 16 + lane % 16) * 40 + jj * 16 + (lane / 16) * 8, true);
-        mma16816(o + 8 * jj, pa[kk], b[0], b[1]);
-        mma16816(o + 8 * jj + 4, pa[kk], b[2], b[3]);
+        ldmatrix_x4_trans(b, sv + (kk * 16 + lane % 16) * 40 + jj * 16 + (lane / 16) * 8);
+        mma16816<T>(quad(o, 2 * jj), pa[kk], b[0], b[1]);
+        mma16816<T>(quad(o, 2 * jj + 1), pa[kk], b[2], b[3]);
       }
     if (SYNCS > 1) __syncthreads();
   }
@@ -299,8 +276,8 @@ LOOP(mma_softmax_bias_mask_2_syncs, (loop_mma<true, 2, 2>))
 
 def module() -> cp.RawModule:
     functions = wgmma_function("mma_s", 64, 0) + wgmma_function("mma_o", 32, 1)
-    return cp.RawModule(code=SOURCE.replace("WGMMA_FUNCTIONS", functions), options=("-arch=sm_90a", "-std=c++17"),
-                        backend="nvrtc")
+    options = ("-arch=sm_90a", "-std=c++17", f"-I{template_dir()}")
+    return cp.RawModule(code=SOURCE.replace("WGMMA_FUNCTIONS", functions), options=options, backend="nvrtc")
 
 
 def pointer(t: torch.Tensor) -> cp.uint64:
