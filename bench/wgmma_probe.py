@@ -128,8 +128,7 @@ CHECK(check_o, false)
 
 // The online softmax of the 16 rows x 64 keys a thread's warp holds (32 scores a thread, rows g and g + 8), P packed
 // as the A fragments of P V, O's rows rescaled: what an attention kernel does between its two products.
-template <int NO>
-__device__ __forceinline__ void softmax_step(float (&c)[32], float (&o)[NO], float (&m)[2], float (&l)[2],
+__device__ __forceinline__ void softmax_step(float (&c)[32], float (&o)[16], float (&m)[2], float (&l)[2],
                                              unsigned (&pa)[4][4]) {
   const float scale_log2 = 0.25f;
   for (int r = 0; r < 2; ++r) {
@@ -147,11 +146,23 @@ __device__ __forceinline__ void softmax_step(float (&c)[32], float (&o)[NO], flo
       }
     l[r] = l[r] * alpha + sum;
     m[r] = mx;
-    for (int i = 0; i < NO; ++i)
+    for (int i = 0; i < 16; ++i)
       if ((i / 2) % 2 == r) o[i] *= alpha;
   }
   for (int kk = 0; kk < 4; ++kk)
     for (int x = 0; x < 4; ++x) pa[kk][x] = pack2<T>(c[8 * kk + 2 * x], c[8 * kk + 2 * x + 1]);
+}
+
+// P (as P V's A fragments) from S: its online softmax, or S scaled and packed (the products alone).
+template <bool SOFTMAX>
+__device__ __forceinline__ void p_from_s(float (&c)[32], float (&o)[16], float (&m)[2], float (&l)[2],
+                                         unsigned (&pa)[4][4]) {
+  if (SOFTMAX) {
+    softmax_step(c, o, m, l, pa);
+  } else {
+    for (int kk = 0; kk < 4; ++kk)
+      for (int x = 0; x < 4; ++x) pa[kk][x] = pack2<T>(c[8 * kk + 2 * x] * 1e-3f, c[8 * kk + 2 * x + 1] * 1e-3f);
+  }
 }
 
 // Each block (one warpgroup) repeats S = Q K^T and O += P V on tiles resident in shared memory (layout 0); P is S
@@ -177,12 +188,7 @@ __device__ void loop_wgmma(const T* q, const T* k, const T* v, float* out, int r
     wgmma_commit();
     wgmma_wait();
     unsigned pa[4][4];
-    if (SOFTMAX) {
-      softmax_step(c, o, m, l, pa);
-    } else {
-      for (int kk = 0; kk < 4; ++kk)
-        for (int x = 0; x < 4; ++x) pa[kk][x] = pack2<T>(c[8 * kk + 2 * x] * 1e-3f, c[8 * kk + 2 * x + 1] * 1e-3f);
-    }
+    p_from_s<SOFTMAX>(c, o, m, l, pa);
     wgmma_fence();
     for (int kk = 0; kk < 4; ++kk) mma_o(o, pa[kk], make_desc(sv + kk * 1024, 16, 512, 2), 1);
     wgmma_commit();
@@ -239,12 +245,7 @@ __device__ void loop_mma(const T* q, const T* k, const T* v, float* out, int rep
         mma16816<T>(quad(c, 2 * jj + 1), a[kk], b[2], b[3]);
       }
     unsigned pa[4][4];
-    if (SOFTMAX) {
-      softmax_step(c, o, m, l, pa);
-    } else {
-      for (int kk = 0; kk < 4; ++kk)
-        for (int x = 0; x < 4; ++x) pa[kk][x] = pack2<T>(c[8 * kk + 2 * x] * 1e-3f, c[8 * kk + 2 * x + 1] * 1e-3f);
-    }
+    p_from_s<SOFTMAX>(c, o, m, l, pa);
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
