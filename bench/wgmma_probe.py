@@ -4,7 +4,8 @@ Usage: python3 bench/wgmma_probe.py   (an H100 or H200; CuPy compiles the probes
 
 Not part of the package (fwagen's kernels use mma.sync). It checks that the shared-memory layouts and descriptors
 below give correct products, then times the tile loop of an attention kernel both ways, with and without an online
-softmax. The products, A always from registers in mma.sync's fragment layout (`ldmatrix` of a [row][d] tile):
+softmax, with what fwagen's tiled kernels add to each tile (float32 bias and mask terms, block barriers), and with
+some of the exponentials computed on the FMA pipe. The products, A always from registers in mma.sync's fragment layout (`ldmatrix` of a [row][d] tile):
 - S = Q K^T, 64 x 64, k = 32: B is K as a kernel stores it, [key][d], "K-major";
 - O = P V, 64 x 32, k = 64: B is V as stored, [key][d], "MN-major", transposed by the instruction (imm-trans-b = 1).
 Layouts of a [64][32] bf16 tile (rows of 64 bytes), with the descriptor's leading and stride byte offsets (LBO, SBO):
@@ -128,6 +129,20 @@ CHECK(check_o, false)
 
 // The online softmax of the 16 rows x 64 keys a thread's warp holds (32 scores a thread, rows g and g + 8), P packed
 // as the A fragments of P V, O's rows rescaled: what an attention kernel does between its two products.
+// 2^x for x <= 0 on the FMA and integer pipes, not the MUFU: x = i + f, i by the round-to-nearest magic constant,
+// 2^f (|f| <= 1/2) by a degree-4 polynomial (relative error ~4e-6, below bf16's and fp16's rounding of P).
+__device__ __forceinline__ float exp2_poly(float x) {
+  x = fmaxf(x, -125.f);
+  const float j = x + 12582912.f;  // 1.5 * 2^23: rounds x to an integer in j's low mantissa bits
+  const float f = x - (j - 12582912.f);
+  float p = fmaf(f, 1.3333558e-3f, 9.6181291e-3f);
+  p = fmaf(f, p, 5.5504109e-2f);
+  p = fmaf(f, p, 2.4022651e-1f);
+  p = fmaf(f, p, 6.9314718e-1f);
+  p = fmaf(f, p, 1.f);
+  return __int_as_float(__float_as_int(p) + ((__float_as_int(j) - 0x4B400000) << 23));
+}
+template <int POLY>  // of a row's 16 exponentials a thread takes, how many exp2_poly computes
 __device__ __forceinline__ void softmax_step(float (&c)[32], float (&o)[16], float (&m)[2], float (&l)[2],
                                              unsigned (&pa)[4][4]) {
   const float scale_log2 = 0.25f;
@@ -140,7 +155,8 @@ __device__ __forceinline__ void softmax_step(float (&c)[32], float (&o)[16], flo
     float sum = 0.f;
     for (int j = 0; j < 8; ++j)
       for (int e = 0; e < 2; ++e) {
-        const float p = fast_exp2(fmaf(c[4 * j + 2 * r + e], scale_log2, -mx));
+        const float x = fmaf(c[4 * j + 2 * r + e], scale_log2, -mx);
+        const float p = 2 * j + e < POLY ? exp2_poly(x) : fast_exp2(x);
         c[4 * j + 2 * r + e] = p;
         sum += p;
       }
@@ -154,11 +170,11 @@ __device__ __forceinline__ void softmax_step(float (&c)[32], float (&o)[16], flo
 }
 
 // P (as P V's A fragments) from S: its online softmax, or S scaled and packed (the products alone).
-template <bool SOFTMAX>
+template <bool SOFTMAX, int POLY>
 __device__ __forceinline__ void p_from_s(float (&c)[32], float (&o)[16], float (&m)[2], float (&l)[2],
                                          unsigned (&pa)[4][4]) {
   if (SOFTMAX) {
-    softmax_step(c, o, m, l, pa);
+    softmax_step<POLY>(c, o, m, l, pa);
   } else {
     for (int kk = 0; kk < 4; ++kk)
       for (int x = 0; x < 4; ++x) pa[kk][x] = pack2<T>(c[8 * kk + 2 * x] * 1e-3f, c[8 * kk + 2 * x + 1] * 1e-3f);
@@ -167,7 +183,7 @@ __device__ __forceinline__ void p_from_s(float (&c)[32], float (&o)[16], float (
 
 // Each block (one warpgroup) repeats S = Q K^T and O += P V on tiles resident in shared memory (layout 0); P is S
 // scaled and packed (SOFTMAX = false) or its online softmax (true).
-template <bool SOFTMAX>
+template <bool SOFTMAX, int POLY = 0>
 __device__ void loop_wgmma(const T* q, const T* k, const T* v, float* out, int reps) {
   __shared__ __align__(1024) unsigned char sk[64 * 64];
   __shared__ __align__(1024) unsigned char sv[64 * 64];
@@ -188,7 +204,7 @@ __device__ void loop_wgmma(const T* q, const T* k, const T* v, float* out, int r
     wgmma_commit();
     wgmma_wait();
     unsigned pa[4][4];
-    p_from_s<SOFTMAX>(c, o, m, l, pa);
+    p_from_s<SOFTMAX, POLY>(c, o, m, l, pa);
     wgmma_fence();
     for (int kk = 0; kk < 4; ++kk) mma_o(o, pa[kk], make_desc(sv + kk * 1024, 16, 512, 2), 1);
     wgmma_commit();
@@ -204,7 +220,7 @@ __device__ void loop_wgmma(const T* q, const T* k, const T* v, float* out, int r
 // (fwagen's streamed bias and mask tiles, [64][72]; here both read from one tile, 48 KB of static shared memory
 // holding no more) start the scores, read from shared memory at every tile, and SYNCS barriers a tile stand for a
 // kernel's two a step (its tiles loaded, then free): what each costs in steady state.
-template <bool SOFTMAX, int ADDS = 0, int SYNCS = 0>
+template <bool SOFTMAX, int ADDS = 0, int SYNCS = 0, int POLY = 0>
 __device__ void loop_mma(const T* q, const T* k, const T* v, float* out, int reps) {
   __shared__ __align__(128) T sk[64 * 40];
   __shared__ __align__(128) T sv[64 * 40];
@@ -245,7 +261,7 @@ __device__ void loop_mma(const T* q, const T* k, const T* v, float* out, int rep
         mma16816<T>(quad(c, 2 * jj + 1), a[kk], b[2], b[3]);
       }
     unsigned pa[4][4];
-    p_from_s<SOFTMAX>(c, o, m, l, pa);
+    p_from_s<SOFTMAX, POLY>(c, o, m, l, pa);
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
@@ -272,6 +288,10 @@ LOOP(mma_softmax, loop_mma<true>)
 LOOP(mma_softmax_bias, (loop_mma<true, 1>))
 LOOP(mma_softmax_bias_mask, (loop_mma<true, 2>))
 LOOP(mma_softmax_bias_mask_2_syncs, (loop_mma<true, 2, 2>))
+LOOP(wgmma_softmax_poly_quarter, (loop_wgmma<true, 4>))
+LOOP(wgmma_softmax_poly_half, (loop_wgmma<true, 8>))
+LOOP(mma_softmax_poly_quarter, (loop_mma<true, 0, 0, 4>))
+LOOP(mma_softmax_poly_half, (loop_mma<true, 0, 0, 8>))
 """
 
 
@@ -304,7 +324,8 @@ def time_loops(mod: cp.RawModule, q, k, v) -> None:
     print(f"\nbf16 matmul (torch, 8192^3): {matmul_tflops('bfloat16'):.0f} TFLOP/s")
     print("| loop | warpgroups a multiprocessor | ms | matrix TFLOP/s |\n|---|---:|---:|---:|")
     for loop in ("wgmma_products", "mma_products", "wgmma_softmax", "mma_softmax", "mma_softmax_bias",
-                 "mma_softmax_bias_mask", "mma_softmax_bias_mask_2_syncs"):
+                 "mma_softmax_bias_mask", "mma_softmax_bias_mask_2_syncs", "wgmma_softmax_poly_quarter",
+                 "wgmma_softmax_poly_half", "mma_softmax_poly_quarter", "mma_softmax_poly_half"):
         function = mod.get_function(loop)
         calls = {per_sm: (lambda blocks=sms * per_sm: function(
             (blocks,), (128,), (pointer(q), pointer(k), pointer(v), pointer(out), cp.int32(REPS))))
