@@ -20,7 +20,7 @@ from __future__ import annotations
 import cupy as cp
 import torch
 
-from fwagen.render import template_dir
+from fwagen.render import environment, template_dir
 from fwagen.timing import interleaved, matmul_tflops
 
 # (layout, LBO, SBO, swizzle mode of the descriptor: 2 = 64 bytes, 0 = none) that give correct products.
@@ -30,35 +30,23 @@ REPS = 4096  # tile iterations a warpgroup in the timing loops
 
 
 def wgmma_function(name: str, n: int, transpose_b: int) -> str:
-    """A device function issuing wgmma m64n{n}k16, f32 += bf16 x bf16, A from registers, B by descriptor."""
-    outputs = n // 2  # 64 x n floats over 128 threads
-    d = ", ".join(f"%{i}" for i in range(outputs))
-    a = ", ".join(f"%{outputs + i}" for i in range(4))
-    asm = (f'"{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{outputs + 5}, 0;\\n'
-           f'wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 {{{d}}}, {{{a}}}, %{outputs + 4}, p, 1, 1, '
-           f'{transpose_b};\\n}}\\n"')
-    constraints = ", ".join(f'"+f"(c[{i}])' for i in range(outputs))
-    inputs = ", ".join(f'"r"(a[{i}])' for i in range(4)) + ', "l"(desc), "r"(accumulate)'
-    return (f"__device__ __forceinline__ void {name}(float (&c)[{outputs}], const unsigned (&a)[4], "
-            f"unsigned long long desc, int accumulate) {{\n  asm volatile({asm} : {constraints} : {inputs});\n}}\n")
+    """A device function issuing wgmma m64n{n}k16, f32 += bf16 x bf16, A from registers, B by descriptor: the macro
+    fwagen's templates use (templates/wgmma.j2)."""
+    macro = environment().from_string('{% from "wgmma.j2" import wgmma_rs %}{{ wgmma_rs(name, n, "bf16", trans) }}')
+    return macro.render(name=name, n=n, trans=transpose_b)
 
 
 SOURCE = r"""
-#include "common.cuh"  // fwagen's own ldmatrix, mma.sync, packing and exponential
+#include "wgmma.cuh"  // fwagen's descriptors, fences and waits, and its ldmatrix, mma.sync, packing and exponential
 using namespace fwagen;
 typedef __nv_bfloat16 T;
-// Bits 0-13 address / 16, 16-29 LBO / 16, 32-45 SBO / 16, 62-63 swizzle mode (PTX ISA, matrix descriptor).
 __device__ __forceinline__ unsigned long long make_desc(const void* p, int lbo, int sbo, int swizzle) {
-  unsigned long long d = (unsigned long long)((smem_addr(p) & 0x3FFFF) >> 4);
-  d |= (unsigned long long)((lbo >> 4) & 0x3FFF) << 16;
-  d |= (unsigned long long)((sbo >> 4) & 0x3FFF) << 32;
-  return d | (unsigned long long)swizzle << 62;
+  return matrix_descriptor(p, lbo, sbo, swizzle);
 }
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
-// Generic-proxy shared-memory writes made visible to wgmma's reads (then a barrier).
-__device__ __forceinline__ void async_proxy_fence() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+// A flat accumulator array as the [n / 8][4] quads the wgmma functions take.
+template <int J> __device__ __forceinline__ float (&as_quads(float* c))[J][4] {
+  return *reinterpret_cast<float(*)[J][4]>(c);
+}
 WGMMA_FUNCTIONS
 // The j-th group of four accumulators (one m16n8 tile) of a flat array, as mma16816 takes it.
 __device__ __forceinline__ float (&quad(float* c, int j))[4] { return *reinterpret_cast<float(*)[4]>(c + 4 * j); }
@@ -111,12 +99,12 @@ __device__ void check_product(const T* a_src, const T* b_src, float* out, int la
   wgmma_fence();
   for (int kk = 0; kk < A_COLS / 16; ++kk) {
     if constexpr (S)
-      mma_s(c, a[kk], make_desc(sb + kk * k_step_s(layout), lbo, sbo, swizzle), kk);
+      mma_s(as_quads<OUT_COLS / 8>(c), a[kk], make_desc(sb + kk * k_step_s(layout), lbo, sbo, swizzle), kk);
     else
-      mma_o(c, a[kk], make_desc(sb + kk * k_step_o(layout), lbo, sbo, swizzle), kk);
+      mma_o(as_quads<OUT_COLS / 8>(c), a[kk], make_desc(sb + kk * k_step_o(layout), lbo, sbo, swizzle), kk);
   }
   wgmma_commit();
-  wgmma_wait();
+  wgmma_wait<0>();
   store_accumulators<OUT_COLS>(out, c);
 }
 
@@ -200,17 +188,17 @@ __device__ void loop_wgmma(const T* q, const T* k, const T* v, float* out, int r
   for (int r = 0; r < reps; ++r) {
     float c[32];
     wgmma_fence();
-    for (int kk = 0; kk < 2; ++kk) mma_s(c, a[kk], make_desc(sk + kk * 32, 16, 512, 2), kk);
+    for (int kk = 0; kk < 2; ++kk) mma_s(as_quads<8>(c), a[kk], make_desc(sk + kk * 32, 16, 512, 2), kk);
     wgmma_commit();
-    wgmma_wait();
+    wgmma_wait<0>();
     unsigned pa[4][4];
     p_from_s<SOFTMAX, POLY>(c, o, m, l, pa);
     wgmma_fence();
-    for (int kk = 0; kk < 4; ++kk) mma_o(o, pa[kk], make_desc(sv + kk * 1024, 16, 512, 2), 1);
+    for (int kk = 0; kk < 4; ++kk) mma_o(as_quads<4>(o), pa[kk], make_desc(sv + kk * 1024, 16, 512, 2), 1);
     wgmma_commit();
-    if (SOFTMAX) wgmma_wait();  // the next softmax rescales o
+    if (SOFTMAX) wgmma_wait<0>();  // the next softmax rescales o
   }
-  wgmma_wait();
+  wgmma_wait<0>();
   float sum = l[0] + l[1];
   for (int i = 0; i < 16; ++i) sum += o[i];
   out[blockIdx.x * 128 + threadIdx.x] = sum;

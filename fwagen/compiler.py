@@ -121,7 +121,9 @@ def compile_variant(variant: Variant, arch: str) -> CompiledKernel:
     if cubin_path.is_file() and report_path.is_file():
         resources = Resources(**json.loads(report_path.read_text()))
     else:
-        cubin, log = _nvrtc_compile(source, variant.key(), arch, folder)
+        # A variant of architecture-specific instructions (wgmma: sm_90a) compiles for that target; it is legal on
+        # its base architecture only (fwagen/space.py).
+        cubin, log = _nvrtc_compile(source, variant.key(), arch + getattr(variant, "arch_suffix", ""), folder)
         resources = parse_ptxas_report(log)
         _atomic_write(cubin_path, cubin)
         _atomic_write(report_path, json.dumps(asdict(resources)).encode())

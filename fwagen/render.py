@@ -18,14 +18,14 @@ TEMPLATE_FOR_KIND = {"mma": "fwd_mma.cu.j2", "simt": "fwd_simt.cu.j2", "bwd_mma"
 
 _DERIVED = {
     "mma": ("head_dim_pad", "chunks_per_item", "m_tiles_per_warp", "warps_per_item", "key_tiles",
-            "threads", "smem_row_elems", "stream_add", "add_pitch"),
+            "threads", "smem_row_elems", "stream_add", "add_pitch", "wgmma", "kv_row_elems", "mma_type"),
     "simt": ("chunks_per_item", "cols_per_thread", "threads"),
     "bwd_mma": ("n_pad", "head_dim_pad", "threads", "smem_row_elems"),
     "bwd_simt": ("chunks_per_item", "cols_per_thread", "threads"),
     "bwd_tile": ("chunks_per_item", "head_dim_pad", "threads", "smem_row_elems", "smem_bytes"),
     "bwd_delta": ("threads",),
 }
-_DERIVED["mma_stream"] = _DERIVED["mma"]
+_DERIVED["mma_stream"] = _DERIVED["wgmma"] = _DERIVED["wgmma_stream"] = _DERIVED["mma"]
 
 
 def template_dir() -> Path:
@@ -72,7 +72,7 @@ def template_values(variant: Variant) -> dict:
     return {name: _cuda_spelling(value) for name, value in values.items()}
 
 
-HELPER_HEADERS = ("common.cuh", "mma_tiles.cuh", "split_backward.cuh")
+HELPER_HEADERS = ("common.cuh", "mma_tiles.cuh", "split_backward.cuh", "wgmma.cuh")
 
 
 @lru_cache(maxsize=1)

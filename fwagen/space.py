@@ -10,7 +10,7 @@ import itertools
 from .compiler import DEFAULT_MAX_SMEM, MAX_SMEM_PER_BLOCK, Resources, compile_variant
 from .problem import Problem, pad_to
 from .variant import (BackwardSimtVariant, BackwardTileVariant, BackwardVariant, ForwardStreamVariant, ForwardVariant,
-                      SimtVariant, Variant)
+                      ForwardWgmmaStreamVariant, ForwardWgmmaVariant, SimtVariant, Variant)
 
 MAX_THREADS = 512
 # The whole-window backward holds one warp per 16 query rows. Past 96 tokens a lane keeps n_pad / 2 dbias sums, the dQ
@@ -72,7 +72,7 @@ def static_violation(variant: Variant, arch: str = "sm_90") -> str | None:
         if variant.cols_per_thread > 32:
             return "more than 32 head-dim columns per thread"
         return None
-    reason = _min_blocks_violation(variant, arch)
+    reason = _min_blocks_violation(variant, arch) or (_wgmma_violation(variant, arch) if variant.wgmma else None)
     if reason is not None:
         return reason
     if variant.stream_add and not (variant.problem.has_bias or variant.problem.has_mask):
@@ -90,6 +90,20 @@ def static_violation(variant: Variant, arch: str = "sm_90") -> str | None:
     return None
 
 
+WGMMA_ARCH = "sm_90"  # wgmma exists on sm_90a; later architectures have other warpgroup instructions
+WGMMA_HEAD_DIM_PAD = 32  # the 64-byte swizzle of wgmma.cuh: rows of 32 16-bit elements
+
+
+def _wgmma_violation(variant: ForwardVariant, arch: str) -> str | None:
+    if arch != WGMMA_ARCH:
+        return f"wgmma runs on {WGMMA_ARCH} only"
+    if variant.head_dim_pad != WGMMA_HEAD_DIM_PAD:
+        return f"wgmma tiles hold head dims of 17 to {WGMMA_HEAD_DIM_PAD}"
+    if variant.warps_per_item % 4:
+        return "wgmma needs whole warpgroups (four warps of rows_per_warp rows to a query chunk)"
+    return None
+
+
 # ptxas at -O3 often parks a few loop-invariant values (strides, pointers) in local memory, which costs
 # nothing measurable; real spills of accumulators run to hundreds of bytes.
 MAX_SPILL_BYTES = 128
@@ -104,6 +118,10 @@ def resource_violation(variant: Variant, resources: Resources) -> str | None:
 
 
 STREAM_ADD_FROM = 256  # padded window size from which the forward space also streams the (bias + mask) term
+# Padded window size from which the forward space also has wgmma variants: at window 12 (144 tokens, three 64-row
+# chunks for 144 rows) the best of them took 1.26-1.38x the mma.sync pick, at windows 16 and 24 0.94-0.96x
+# (H100, bench/wgmma_forward.py; bench/results/nvidia-h100-80gb-hbm3-forward-wgmma.md).
+WGMMA_FROM = 256
 
 
 def _offers_streamed(problem: Problem, n_pad: int) -> bool:
@@ -131,6 +149,22 @@ def _mma_candidates(problem: Problem):
                                        key_tile=kt, stages=2, min_blocks=mb)
 
 
+def wgmma_variants(problem: Problem):
+    """The forward kernels with their products by wgmma (legal on sm_90, head dims up to 32; `_wgmma_violation`) at
+    any window size: whole warpgroups, so query chunks of 64 rows (16 a warp) and 128 (16 or 32 a warp). The space
+    offers them from WGMMA_FROM tokens."""
+    n_pad = pad_to(problem.n, 16)
+    tiles = (32, 64, 128)
+    shapes = ((64, 16), (128, 16), (128, 32))  # (query_chunk, rows_per_warp)
+    for wpb, (qc, rpw), kt, st, mb in itertools.product((1, 2), shapes, tiles, (1, 2), (1, 2)):
+        yield ForwardWgmmaVariant(problem, windows_per_block=wpb, query_chunk=qc, rows_per_warp=rpw, key_tile=kt,
+                                  stages=st, min_blocks=mb)
+    if _offers_streamed(problem, n_pad):
+        for wpb, (qc, rpw), kt, mb in itertools.product((1, 2), shapes, (32, 64), (1, 2, 3)):
+            yield ForwardWgmmaStreamVariant(problem, windows_per_block=wpb, query_chunk=qc, rows_per_warp=rpw,
+                                            key_tile=kt, stages=2, min_blocks=mb)
+
+
 def _simt_candidates(problem: Problem):
     for qc, tpr, kt in itertools.product((16, 32, 64, 128), (1, 2, 4, 8), (16, 32, 64)):
         yield SimtVariant(problem, query_chunk=qc, threads_per_row=tpr, key_tile=kt)
@@ -150,8 +184,10 @@ def _partition(variants, arch: str) -> tuple[list[Variant], dict[str, str]]:
 
 def candidates(problem: Problem, arch: str = "sm_90") -> tuple[list[Variant], dict[str, str]]:
     """All forward variants of `problem`: (legal ones, {key: reason} for those pruned statically)."""
-    generator = _mma_candidates if problem.uses_tensor_cores else _simt_candidates
-    return _partition(generator(problem), arch)
+    if not problem.uses_tensor_cores:
+        return _partition(_simt_candidates(problem), arch)
+    wgmma = wgmma_variants(problem) if pad_to(problem.n, 16) >= WGMMA_FROM else ()
+    return _partition(itertools.chain(_mma_candidates(problem), wgmma), arch)
 
 
 # Built-in defaults, most preferred first, as (windows_per_block, query_chunk, rows_per_warp, key_tile, stages);

@@ -44,6 +44,7 @@ class ForwardVariant:
 
     kind = "mma"
     stream_add = False  # the (bias + mask) term resident for the block's query chunk (ForwardStreamVariant: streamed)
+    wgmma = False  # products by mma.sync (ForwardWgmmaVariant: by warpgroup MMA)
 
     # --- identity -------------------------------------------------------------------------------
     def knobs(self) -> dict:
@@ -98,6 +99,15 @@ class ForwardVariant:
         return self.head_dim_pad + SMEM_ROW_PAD_BYTES // ELEMENT_BYTES[self.problem.dtype]
 
     @property
+    def kv_row_elems(self) -> int:
+        """Row pitch of the K and V tiles: padded for ldmatrix, or unpadded in wgmma's swizzled layout."""
+        return self.head_dim_pad if self.wgmma else self.smem_row_elems
+
+    @property
+    def mma_type(self) -> str:
+        return MMA_TYPE[self.problem.dtype]
+
+    @property
     def logit_add_bytes(self) -> int:
         """The block's (bias + mask) term: its query chunk x every key tile, float32."""
         return self.query_chunk * self.key_tiles * self.key_tile * 4
@@ -110,9 +120,10 @@ class ForwardVariant:
 
     @property
     def smem_bytes(self) -> int:
-        rows_per_stage = self.windows_per_block * (self.query_chunk + 2 * self.key_tile)
-        tiles = self.stages * rows_per_stage * self.smem_row_elems * ELEMENT_BYTES[self.problem.dtype]
-        return tiles + self.logit_add_bytes
+        stage_elems = self.windows_per_block * (self.query_chunk * self.smem_row_elems
+                                                + 2 * self.key_tile * self.kv_row_elems)
+        tiles = self.stages * stage_elems * ELEMENT_BYTES[self.problem.dtype]
+        return tiles + self.logit_add_bytes + (WGMMA_ALIGN_BYTES if self.wgmma else 0)
 
     def grid(self, windows: int, heads: int, mask_windows: int, resident_blocks: int) -> tuple[int, int]:
         """(blocks, splits) for a call: each (head, mask window, query chunk) owner gets `splits` blocks
@@ -157,6 +168,41 @@ class ForwardStreamVariant(ForwardVariant):
         if units * self.key_tiles + blocks >= 2**31:  # the kernel counts units and steps in 32 bits
             raise ValueError(f"q: {windows} windows x {heads} heads is more work than one launch indexes")
         return blocks, 1
+
+
+# wgmma reads K and V through descriptors of the 64-byte swizzle, whose tiles start 1024-byte aligned: the kernel
+# rounds its shared-memory base up, into this much room.
+WGMMA_ALIGN_BYTES = 1024
+
+
+class _WarpgroupProducts:
+    """Mixin: the forward's two products by warpgroup MMA (wgmma, sm_90a) instead of mma.sync.
+
+    Four consecutive warps of one window form a warpgroup; S = Q K^T and O += P V are each one instruction a 16-column
+    (or 16-key) step for 64 rows (16 of each warp: two instructions where warps hold 32), K and V read by descriptor
+    from tiles in the 64-byte swizzle (`templates/wgmma.cuh`), A (Q, then P) from registers as before. Everything
+    else (the term, the online softmax, the loads, the grid) is the mma.sync variant's. The layouts hold head dims of
+    17-32 (padded to 32), fp16 and bf16, on sm_90 only (`fwagen/space.py`); the layouts were checked on an H100 by
+    bench/wgmma_probe.py, the kernels timed by bench/wgmma_forward.py.
+    """
+
+    wgmma = True
+    template = "fwd_mma.cu.j2"
+    arch_suffix = "a"  # wgmma needs the architecture-specific target (sm_90a)
+
+
+@dataclass(frozen=True)
+class ForwardWgmmaVariant(_WarpgroupProducts, ForwardVariant):
+    """ForwardVariant with its products by wgmma (the term resident)."""
+
+    kind = "wgmma"
+
+
+@dataclass(frozen=True)
+class ForwardWgmmaStreamVariant(_WarpgroupProducts, ForwardStreamVariant):
+    """ForwardStreamVariant with its products by wgmma (the term streamed)."""
+
+    kind = "wgmma_stream"
 
 
 # A block's fixed cost (its bias and mask term, the first load nothing overlaps) in window groups.
@@ -502,7 +548,8 @@ def variant_from_dict(data: dict) -> Variant:
     """Inverse of `to_dict`; raises ValueError naming what is wrong."""
     data = dict(data)
     kind = data.pop("kind", None)
-    kinds = {"mma": ForwardVariant, "mma_stream": ForwardStreamVariant, "simt": SimtVariant, "bwd_mma": BackwardVariant,
+    kinds = {"mma": ForwardVariant, "mma_stream": ForwardStreamVariant, "wgmma": ForwardWgmmaVariant,
+             "wgmma_stream": ForwardWgmmaStreamVariant, "simt": SimtVariant, "bwd_mma": BackwardVariant,
              "bwd_simt": BackwardSimtVariant, "bwd_tile": BackwardTileVariant}
     cls = kinds.get(kind)
     if cls is None:

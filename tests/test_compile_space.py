@@ -28,8 +28,8 @@ from fwagen.problem import Problem
 from fwagen.render import render
 from fwagen.space import (backward_candidates, candidates, default_backward, default_variant, max_smem,
                           resource_violation, static_violation)
-from fwagen.variant import (BackwardSimtVariant, BackwardTileVariant, ForwardStreamVariant, ForwardVariant, SimtVariant,
-                            variant_from_dict)
+from fwagen.variant import (BackwardSimtVariant, BackwardTileVariant, ForwardStreamVariant, ForwardVariant,
+                            ForwardWgmmaStreamVariant, ForwardWgmmaVariant, SimtVariant, variant_from_dict)
 
 ARCHS = ("sm_80", "sm_90")
 
@@ -198,16 +198,17 @@ def test_sample_covers_every_pair_of_knob_values_and_every_problem_of_each_kind(
         legal = space_pool(arch)
         covered = set().union(*(features(v) for v in SAMPLE[arch]))
         assert covered == set().union(*(features(v) for v in legal))
-        assert {v.kind for v in SAMPLE[arch]} == {"mma", "mma_stream", "simt", "bwd_simt", "bwd_tile"}
+        wgmma = {"wgmma": ForwardWgmmaVariant, "wgmma_stream": ForwardWgmmaStreamVariant} if arch == "sm_90" else {}
+        assert {v.kind for v in SAMPLE[arch]} == {"mma", "mma_stream", "simt", "bwd_simt", "bwd_tile", *wgmma}
         for kind, cls in (("mma", ForwardVariant), ("mma_stream", ForwardStreamVariant), ("simt", SimtVariant),
-                          ("bwd_simt", BackwardSimtVariant), ("bwd_tile", BackwardTileVariant)):
+                          ("bwd_simt", BackwardSimtVariant), ("bwd_tile", BackwardTileVariant), *wgmma.items()):
             knobs = [f.name for f in dataclasses.fields(cls) if f.name != "problem"]
             for knob in knobs:  # more than one value sampled wherever the space offers more than one
                 offered = {getattr(v, knob) for v in legal if v.kind == kind}
                 assert {getattr(v, knob) for v in SAMPLE[arch] if v.kind == kind} == offered, (arch, knob)
         assert {v.problem for v in SAMPLE[arch]} == set(SPACE_PROBLEMS + BACKWARD_SPACE_PROBLEMS)
         # Small enough for CI, but not degenerate.
-        assert 10 <= len(SAMPLE[arch]) <= 130, len(SAMPLE[arch])
+        assert 10 <= len(SAMPLE[arch]) <= 160, len(SAMPLE[arch])
 
 
 def test_default_problems_cover_every_axis_value():

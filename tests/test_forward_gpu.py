@@ -13,8 +13,8 @@ from fwagen.compiler import compile_variant, device_arch
 from fwagen.launch import empty_lse, launch_forward
 from fwagen.problem import Problem
 from fwagen.reference import log_sum_exp_reference
-from fwagen.space import candidates, default_variant, resource_violation, static_violation
-from fwagen.variant import ForwardStreamVariant
+from fwagen.space import candidates, default_variant, resource_violation, static_violation, wgmma_variants
+from fwagen.variant import ForwardStreamVariant, ForwardWgmmaStreamVariant, ForwardWgmmaVariant
 
 from helpers import DTYPES, allowed_error, make_inputs, minus_inf_mask, reference64
 
@@ -134,6 +134,30 @@ def test_streamed_bias_and_mask_at_ragged_sizes_match_reference(problem, knobs):
     check(variant, q, k, v, b, m, token_major=True)
 
 
+# Products by wgmma (sm_90 only; skipped elsewhere), each legal knob combination of `wgmma_variants`, also where the
+# space does not offer them: window 12 (three 64-row chunks for 144 tokens, the last one 48 rows of padding), a ragged
+# window with a padded head dim (200 tokens, d 24: a last key tile past N, zero-filled columns in the swizzled tiles)
+# and window 16 with the mask alone (streamed and resident). Window 24 is in SWEPT.
+WGMMA_PROBLEMS = [Problem(144, 32, "bfloat16", True, True), Problem(200, 24, "float16", True, False),
+                  Problem(256, 32, "bfloat16", False, True)]
+
+
+@pytest.mark.parametrize("problem", WGMMA_PROBLEMS, ids=lambda p: p.key())
+def test_wgmma_variants_match_reference(problem):
+    arch = device_arch()
+    if arch != "sm_90":
+        pytest.skip("wgmma variants are legal on sm_90 only")
+    legal = [var for var in wgmma_variants(problem) if static_violation(var, arch) is None]
+    with ThreadPoolExecutor(8) as pool:
+        compiled = list(pool.map(lambda var: compile_variant(var, arch), legal))
+    runnable = [var for var, c in zip(legal, compiled) if resource_violation(var, c.resources) is None]
+    assert len(runnable) >= 8, "too few wgmma variants survived the static and resource checks"
+    q, k, v, b, m = make_inputs(7, 3, problem.n, problem.head_dim, DTYPES[problem.dtype], bias=problem.has_bias,
+                                mask_windows=7 if problem.has_mask else 0, qkv_strided=True)
+    for variant in runnable:
+        check(variant, q, k, v, b, m, token_major=True)
+
+
 def on_few_blocks(variant, blocks):
     """`variant` (streamed) launched on `blocks` blocks whatever the GPU holds, so that each block walks several
     (owner, window group) items of uneven shares, from one head, mask window or query chunk into the next. Its own
@@ -251,6 +275,9 @@ def test_launch_is_capturable_in_a_cuda_graph():
     assert (out.double() - expected).abs().max().item() <= allowed_error(q, k, v, b, m, expected)
 
 
+SANITIZED_WGMMA = (2, 128, 32, 64, 2, 1)  # two windows a block, 32 rows a warp, resident term
+
+
 def test_small_grid_for_sanitizer():
     """A few tiny launches; the device run executes this one under compute-sanitizer."""
     for dtype, n, d in (("float16", 49, 32), ("bfloat16", 9, 16), ("float32", 25, 64), ("float16", 100, 128),
@@ -262,3 +289,8 @@ def test_small_grid_for_sanitizer():
                                 qkv_strided=True)
     check(ForwardStreamVariant(problem, *knobs), q, k, v, b, m, token_major=True)
     check(on_few_blocks(ForwardStreamVariant(problem, *knobs), 3), q, k, v, b, m)  # blocks walking several items
+    if device_arch() == "sm_90":  # wgmma: swizzled K and V tiles, a ragged window and padded head dim, both terms
+        problem = Problem(200, 24, "bfloat16", True, True)
+        q, k, v, b, m = make_inputs(3, 2, problem.n, problem.head_dim, torch.bfloat16, mask_windows=3, qkv_strided=True)
+        check(ForwardWgmmaVariant(problem, *SANITIZED_WGMMA), q, k, v, b, m, token_major=True)
+        check(ForwardWgmmaStreamVariant(problem, 1, 64, 16, 32, 2, 2), q, k, v, b, m, token_major=True)

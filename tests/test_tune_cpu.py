@@ -83,9 +83,12 @@ def test_the_recording_is_real_h200_data_matching_todays_variant_space():
     assert (evaluator.gpu, evaluator.arch) == ("NVIDIA H200", "sm_90")
     assert evaluator.classes() == sorted([S1, S3, N144, N576, SMALL], key=ProblemClass.key)
     for pclass in evaluator.classes():
-        legal = {v.key() for v in candidates(pclass.problem, "sm_90")[0]}
-        assert evaluator.covers(pclass) <= legal
-        assert len(evaluator.covers(pclass)) >= 0.9 * len(legal)
+        legal = candidates(pclass.problem, "sm_90")[0]
+        assert evaluator.covers(pclass) <= {v.key() for v in legal}
+        # Of the kinds it measured: the wgmma kinds came after the recording, which the search tests replay.
+        recorded_kinds = {v.kind for v in legal if v.key() in evaluator.covers(pclass)}
+        assert "wgmma" not in recorded_kinds
+        assert len(evaluator.covers(pclass)) >= 0.9 * len([v for v in legal if v.kind in recorded_kinds])
 
 
 def test_search_finds_within_3_percent_of_the_best_in_a_quarter_of_the_largest_class(tmp_path):
@@ -119,7 +122,7 @@ def test_the_model_based_search_alone_usually_finds_the_best_region(pclass, at_l
 
 
 def test_the_sampler_is_chosen_by_the_size_of_the_space_and_can_be_overridden():
-    small = Space.build(SMALL, "sm_90")
+    small = Space.build(SMALL, "sm_80")  # sm_90 adds the wgmma kinds past EXHAUSTIVE_MAX
     large = Space.build(S1, "sm_90")
     assert len(small) <= EXHAUSTIVE_MAX < len(large)
     plan = make_plan(small, [])
