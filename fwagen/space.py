@@ -118,9 +118,9 @@ def resource_violation(variant: Variant, resources: Resources) -> str | None:
 
 
 STREAM_ADD_FROM = 256  # padded window size from which the forward space also streams the (bias + mask) term
-# Padded window size from which the forward space also has wgmma variants: at window 12 (144 tokens, three 64-row
-# chunks for 144 rows) the best of them took 1.26-1.38x the mma.sync pick, at windows 16 and 24 0.94-0.96x
-# (H100, bench/wgmma_forward.py; bench/results/nvidia-h100-80gb-hbm3-forward-wgmma.md).
+# Padded window size from which the forward space also has wgmma variants: at window 12 (144 tokens in three 64-row
+# chunks, 48 rows of padding) the best of them took 1.26-1.38x the mma.sync pick, at windows 16 and 24 0.93-0.95x
+# without the mask (H100, bench/wgmma_forward.py; bench/results/nvidia-h100-80gb-hbm3-forward-wgmma.md).
 WGMMA_FROM = 256
 
 

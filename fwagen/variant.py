@@ -181,8 +181,8 @@ class _WarpgroupProducts:
     Four consecutive warps of one window form a warpgroup; S = Q K^T and O += P V are each one instruction a 16-column
     (or 16-key) step for 64 rows (16 of each warp: two instructions where warps hold 32), K and V read by descriptor
     from tiles in the 64-byte swizzle (`templates/wgmma.cuh`), A (Q, then P) from registers as before. Everything
-    else (the term, the online softmax, the loads, the grid) is the mma.sync variant's. The layouts hold head dims of
-    17-32 (padded to 32), fp16 and bf16, on sm_90 only (`fwagen/space.py`); the layouts were checked on an H100 by
+    else (the term, the online softmax, the loads, the grid) is the mma.sync variant's. Legal for head dims of 17-32
+    (padded to 32), fp16 and bf16, on sm_90 only (`fwagen/space.py`); the layouts were checked on an H100 by
     bench/wgmma_probe.py, the kernels timed by bench/wgmma_forward.py.
     """
 
