@@ -96,10 +96,14 @@ SWEPT = [Problem(49, 32, "float16", True, True), Problem(144, 32, "bfloat16", Tr
          Problem(576, 32, "float16", True, True), Problem(100, 64, "float32", True, True)]
 
 
-def runnable_variants(problem):
-    """Every legal variant of `problem` on this GPU that compiles within its resource limits."""
+def runnable_variants(problem, variants=None):
+    """Those of `variants` (default: every legal variant of `problem`) that are legal on this GPU and compile within
+    their resource limits."""
     arch = device_arch()
-    legal, _ = candidates(problem, arch)
+    if variants is None:
+        legal = candidates(problem, arch)[0]
+    else:
+        legal = [var for var in variants if static_violation(var, arch) is None]
     with ThreadPoolExecutor(8) as pool:
         compiled = list(pool.map(lambda var: compile_variant(var, arch), legal))
     runnable = [var for var, c in zip(legal, compiled) if resource_violation(var, c.resources) is None]
@@ -144,13 +148,9 @@ WGMMA_PROBLEMS = [Problem(144, 32, "bfloat16", True, True), Problem(200, 24, "fl
 
 @pytest.mark.parametrize("problem", WGMMA_PROBLEMS, ids=lambda p: p.key())
 def test_wgmma_variants_match_reference(problem):
-    arch = device_arch()
-    if arch != "sm_90":
+    if device_arch() != "sm_90":
         pytest.skip("wgmma variants are legal on sm_90 only")
-    legal = [var for var in wgmma_variants(problem) if static_violation(var, arch) is None]
-    with ThreadPoolExecutor(8) as pool:
-        compiled = list(pool.map(lambda var: compile_variant(var, arch), legal))
-    runnable = [var for var, c in zip(legal, compiled) if resource_violation(var, c.resources) is None]
+    runnable = runnable_variants(problem, wgmma_variants(problem))
     assert len(runnable) >= 8, "too few wgmma variants survived the static and resource checks"
     q, k, v, b, m = make_inputs(7, 3, problem.n, problem.head_dim, DTYPES[problem.dtype], bias=problem.has_bias,
                                 mask_windows=7 if problem.has_mask else 0, qkv_strided=True)
