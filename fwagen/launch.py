@@ -84,7 +84,7 @@ def kernel_ready(*tensors: torch.Tensor) -> bool:
 # tens that building one numpy scalar per argument took.
 _TENSOR = "Pqqi"  # pointer, window and head strides (64-bit), token stride (32-bit)
 _FORWARD_ARGS = struct.Struct("@" + "PPPqqiqqiqqi" + _TENSOR + "PPP" + "iiifi")
-_BACKWARD_ARGS = struct.Struct("@" + "PPPqqiqqiqqi" + "PPqqi" + "PPPPP" + "PPPqqi" + "P" + "iiifi")
+_BACKWARD_ARGS = struct.Struct("@" + "PPPqqiqqiqqi" + "PPqqi" + "PPPP" + "PPPqqi" + "P" + "iiifi")
 _ROW_DELTA_ARGS = struct.Struct("@" + "PPqqi" + "P" + "ii")
 _LAUNCH_END, _LAUNCH_BUFFER, _LAUNCH_SIZE = 0, 1, 2  # CU_LAUNCH_PARAM_END, _BUFFER_POINTER, _BUFFER_SIZE
 
@@ -169,13 +169,10 @@ def launch_backward(variant: Variant, q, k, v, out, dout, lse, bias, mask, scale
         _launch(prepass, variant.prepass, prepass_blocks,
                 _ROW_DELTA_ARGS.pack(out.data_ptr(), dout.data_ptr(), *_strides(out), delta.data_ptr(), windows, heads),
                 device)
-    # Which mask windows have a nonzero element, for the kernels that walk the all-zero ones as one class
-    # (templates/window_walk.cuh): read from the mask at every call, never cached, so it cannot go stale.
-    nonzero = mask.flatten(1).any(dim=1) if mask is not None and variant.walks_mask_classes and blocks else None
     packed = _BACKWARD_ARGS.pack(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), *_strides(q), *_strides(k), *_strides(v),
         out.data_ptr(), dout.data_ptr(), *_strides(out), lse.data_ptr(), _pointer(delta), _pointer(bias),
-        _pointer(mask), _pointer(nonzero),
+        _pointer(mask),
         dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), *_strides(dq), partial.data_ptr(),
         windows, heads, mask_windows, scale, splits,
     )

@@ -72,8 +72,7 @@ def template_values(variant: Variant) -> dict:
     return {name: _cuda_spelling(value) for name, value in values.items()}
 
 
-HELPER_HEADERS = ("common.cuh", "mma_tiles.cuh", "split_backward.cuh", "wgmma.cuh",
-                  "window_walk.cuh")
+HELPER_HEADERS = ("common.cuh", "mma_tiles.cuh", "split_backward.cuh", "wgmma.cuh")
 
 
 @lru_cache(maxsize=1)

@@ -320,18 +320,7 @@ class BackwardVariant:
             return 4 * tile + staged + logit_add  # q, k, v, dO
         return self.stages * 5 * tile + staged + logit_add + self.n_pad * self.n_pad * 4  # + the dbias sums
 
-    @property
-    def walks_mask_classes(self) -> bool:
-        """Past 96 tokens a block walks windows of several mask windows, those with an all-zero mask as one class
-        (templates/window_walk.cuh): the kernel reads which mask windows are all zero."""
-        return self.large_window
-
     def grid(self, windows: int, heads: int, mask_windows: int, resident_blocks: int) -> tuple[int, int]:
-        if self.large_window:
-            # `splits` blocks a head, one wave, each walking a share of the head's windows across mask windows
-            # (the kernel balances the shares, window_walk.cuh); blocks past the windows write zero partials.
-            splits = max(1, min(windows, resident_blocks // heads)) if windows else 1
-            return (heads * splits if windows else 0), splits
         # Whole (head, mask window) pairs per block keep dbias one partial sum per block; as many splits of
         # each pair's windows as fit in one wave (rounding down: a second, nearly empty wave would cost a
         # whole wave's time).
@@ -343,8 +332,6 @@ class BackwardVariant:
     def dbias_partials(self, heads: int, mask_windows: int, splits: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(shape of the float32 partial sums, one per block, and the dims summed to give dbias)."""
         n = self.problem.n
-        if self.large_window:
-            return (splits, heads, n, n), (0,)
         return (max(mask_windows, 1), heads, splits, n, n), (0, 2)
 
 
@@ -387,7 +374,6 @@ class _SplitBackward:
     key = ForwardVariant.key
     to_dict = ForwardVariant.to_dict
     n_pad = ForwardVariant.n_pad
-    walks_mask_classes = False  # blocks own (head, mask window) pairs
 
     @property
     def chunks_per_item(self) -> int:

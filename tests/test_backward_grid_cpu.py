@@ -65,33 +65,17 @@ def test_cuda_core_grid_gives_every_split_a_window_and_bounds_the_partial_sums()
 
 
 def test_whole_window_grid_is_at_most_one_wave_of_head_and_mask_window_pairs():
-    # bwd_mma.cu.j2: block i holds pair i / splits (head, mask window) and walks every splits-th of its windows,
-    # summing its dbias partial in one place; a second, nearly empty wave would cost a whole wave's time, so splits
-    # round down (a pair has one block even where pairs outnumber what the GPU holds).
-    for n, (windows, heads, mask_windows), resident in itertools.product((49, 64, 96), CALLS, RESIDENT):
+    # bwd_mma.cu.j2 and bwd_mma_large.cu.j2: block i holds pair i / splits (head, mask window) and walks every
+    # splits-th of its windows, summing its dbias partial in one place; a second, nearly empty wave would cost a whole
+    # wave's time, so splits round down (a pair has one block even where pairs outnumber what the GPU holds).
+    for n, (windows, heads, mask_windows), resident in itertools.product((64, 144), CALLS, RESIDENT):
         variant = BackwardVariant(Problem(n, 32, "bfloat16", True, mask_windows > 0, "bwd"))
-        assert not variant.large_window and not variant.walks_mask_classes
         blocks, splits = variant.grid(windows, heads, mask_windows, resident)
         pairs = heads * max(mask_windows, 1)
         assert blocks == pairs * splits and 1 <= splits <= max(windows // max(mask_windows, 1), 1)
         assert blocks <= max(resident, pairs)
         assert variant.dbias_partials(heads, mask_windows, splits) == ((max(mask_windows, 1), heads, splits, n, n),
                                                                        (0, 2))
-
-
-def test_large_window_grid_is_one_wave_of_blocks_a_head_across_mask_windows():
-    # bwd_mma_large.cu.j2: block slot x heads + h walks a share of head h's windows, of any mask windows
-    # (templates/window_walk.cuh), so `splits` blocks a head fill one wave whatever the number of mask windows, and
-    # each block writes one dbias partial.
-    for n, (windows, heads, mask_windows), resident in itertools.product((100, 144), CALLS, RESIDENT):
-        variant = BackwardVariant(Problem(n, 32, "bfloat16", True, mask_windows > 0, "bwd"))
-        assert variant.large_window and variant.walks_mask_classes
-        blocks, splits = variant.grid(windows, heads, mask_windows, resident)
-        assert blocks == heads * splits and 1 <= splits <= windows
-        assert blocks <= max(resident, heads)
-        assert splits == min(windows, max(1, resident // heads))
-        assert variant.dbias_partials(heads, mask_windows, splits) == ((splits, heads, n, n), (0,))
-    assert BackwardVariant(Problem(144, 32, "bfloat16", True, True, "bwd")).grid(0, 4, 16, 132)[0] == 0
 
 
 def test_no_windows_launch_nothing():
