@@ -191,13 +191,20 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    if any(a == "--model" or a.startswith("--model=") for a in args.bench_args):
-        from .bench_model import main as bench_model_main  # end to end: a timm Swin model, shipped vs patched
+    from .timing import NoCudaDevice
 
-        return bench_model_main(args.bench_args)
-    from .bench import main as bench_main
+    try:
+        if any(a == "--model" or a.startswith("--model=") for a in args.bench_args):
+            from .bench_model import main as bench_model_main  # end to end: a timm Swin model, shipped vs patched
 
-    return bench_main(args.bench_args)
+            return bench_model_main(args.bench_args)
+        from .bench import main as bench_main
+
+        return bench_main(args.bench_args)
+    except NoCudaDevice:
+        print("fwagen bench: no CUDA GPU found (torch.cuda.is_available() is False); the bench times kernels, so it "
+              "needs one. Without a GPU, `python cli.py tune --dry-run` compiles the kernel space.", file=sys.stderr)
+        return 2
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -52,9 +52,13 @@ def _percentile(ordered: Sequence[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
+class NoCudaDevice(RuntimeError):
+    """Timing was asked for where torch sees no CUDA device."""
+
+
 def require_cuda() -> None:
     if not torch.cuda.is_available():
-        raise RuntimeError("fwagen timing needs a CUDA device, and torch.cuda.is_available() is False")
+        raise NoCudaDevice("fwagen timing needs a CUDA device, and torch.cuda.is_available() is False")
 
 
 _flush_buffers: dict[int, torch.Tensor] = {}

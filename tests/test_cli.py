@@ -194,6 +194,14 @@ def test_bench_arguments_are_forwarded_whole(capsys):
     assert "--quick" in capsys.readouterr().out
 
 
+def test_bench_without_gpu_says_so_without_a_traceback():
+    # CUDA_VISIBLE_DEVICES hides any GPU, so this holds on the GPU machine too.
+    result = run_cli("bench", "--quick", env={"CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("fwagen bench: no CUDA GPU found") and "tune --dry-run" in result.stderr
+
+
 def test_checkout_reads_the_top_level_tuned_folder():
     assert cli_main.tuned_dir() == ROOT / "tuned"
 
