@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import struct
+from functools import lru_cache
 
 import torch
 
@@ -102,20 +103,29 @@ def _current_stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
-def _launch(loaded, variant: Variant, blocks: int, packed: bytes, device: torch.device) -> None:
+def _launch(loaded, variant: Variant, blocks: int, packed: bytes, device: torch.device,
+            offsets: tuple[int, ...] | None = None) -> None:
+    """Launch with the parameters in one packed buffer laid out as the kernel's; with `offsets` (where each parameter
+    starts in the buffer), as an array of pointers into it instead, for kernels whose layout the driver decides
+    (tensor maps)."""
     from cupy_backends.cuda.api import driver
 
     buffer = ctypes.create_string_buffer(packed, len(packed))
-    size = ctypes.c_size_t(len(packed))
-    extra = (ctypes.c_void_p * 5)(_LAUNCH_BUFFER, ctypes.addressof(buffer), _LAUNCH_SIZE, ctypes.addressof(size),
-                                  _LAUNCH_END)
+    if offsets is None:
+        size = ctypes.c_size_t(len(packed))
+        extra = (ctypes.c_void_p * 5)(_LAUNCH_BUFFER, ctypes.addressof(buffer), _LAUNCH_SIZE, ctypes.addressof(size),
+                                      _LAUNCH_END)
+        params, extra_at = 0, ctypes.addressof(extra)
+    else:
+        pointers = (ctypes.c_void_p * len(offsets))(*(ctypes.addressof(buffer) + at for at in offsets))
+        params, extra_at = ctypes.addressof(pointers), 0
     if device.index != torch.cuda.current_device():
         with torch.cuda.device(device.index):
             driver.launchKernel(loaded.handle, blocks, 1, 1, variant.threads, 1, 1, variant.smem_bytes,
-                                _current_stream(device), 0, ctypes.addressof(extra))
+                                _current_stream(device), params, extra_at)
     else:
         driver.launchKernel(loaded.handle, blocks, 1, 1, variant.threads, 1, 1, variant.smem_bytes,
-                            _current_stream(device), 0, ctypes.addressof(extra))
+                            _current_stream(device), params, extra_at)
 
 
 _plans: dict[tuple, tuple] = {}
@@ -131,6 +141,62 @@ def _plan(variant: Variant, device_index: int, windows: int, heads: int, mask_wi
     return plan
 
 
+# TMA tensor maps (CUtensorMap, 128 bytes), passed by value after the scalar parameters. The driver lays such a kernel's
+# parameters out itself (the maps at 16-byte boundaries, cuFuncGetParamInfo on an H100), so those kernels take theirs
+# as an array of pointers into the packed buffer (`_launch`'s offsets), where each map sits 64-byte aligned.
+_TENSOR_MAP_BYTES, _TENSOR_MAP_ALIGN = 128, 64
+_TMA_UINT16, _TMA_SWIZZLE_64B, _TMA_L2_PROMOTION_128B = 1, 2, 2  # CUtensorMapDataType, ...Swizzle, ...L2promotion
+
+
+def _encode_tiled(address: int, dims: tuple[int, ...], strides: tuple[int, ...], box: tuple[int, ...]) -> bytes:
+    """cuTensorMapEncodeTiled for 16-bit elements in the 64-byte swizzle, no interleave, zeros outside the tensor.
+    dims and box innermost first; strides in bytes of dims 1 and up."""
+    rank = len(dims)
+    encode = _driver().cuTensorMapEncodeTiled
+    storage = ctypes.create_string_buffer(_TENSOR_MAP_BYTES + _TENSOR_MAP_ALIGN)  # the driver wants it 64-byte aligned
+    at = ctypes.addressof(storage)
+    at += -at % _TENSOR_MAP_ALIGN
+    result = encode(ctypes.c_void_p(at), _TMA_UINT16, rank, ctypes.c_void_p(address),
+                    (ctypes.c_uint64 * rank)(*dims), (ctypes.c_uint64 * (rank - 1))(*strides),
+                    (ctypes.c_uint32 * rank)(*box), (ctypes.c_uint32 * rank)(*([1] * rank)),
+                    0, _TMA_SWIZZLE_64B, _TMA_L2_PROMOTION_128B, 0)
+    if result != 0:
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed (CUresult {result}) for dims {dims}, strides {strides}, "
+                           f"box {box} at {address:#x}")
+    return ctypes.string_at(at, _TENSOR_MAP_BYTES)
+
+
+@lru_cache(maxsize=1)
+def _driver():
+    driver = ctypes.CDLL("libcuda.so.1")
+    driver.cuTensorMapEncodeTiled.restype = ctypes.c_int
+    return driver
+
+
+@lru_cache(maxsize=256)
+def _key_value_map(address: int, shape: tuple[int, ...], strides: tuple[int, ...], element_bytes: int,
+                   key_tile: int) -> bytes:
+    """The tensor map of a (windows, heads, N, d) k or v view: boxes of key_tile rows of 32 columns (the 64-byte
+    swizzle's row), columns past d and rows past N read as zeros. Memoized: a map depends on nothing else."""
+    windows, heads, n, d = shape
+    window, head, token = (s * element_bytes for s in strides[:3])
+    return _encode_tiled(address, (d, n, heads, windows), (token, head, window), (32, key_tile, 1, 1))
+
+
+def _append_tensor_maps(packed: bytes, maps: list[bytes]) -> bytes:
+    """The packed scalars, then the tensor maps, each 64-byte aligned from the buffer's start."""
+    return packed + bytes(-len(packed) % _TENSOR_MAP_ALIGN) + b"".join(maps)
+
+
+@lru_cache(maxsize=None)
+def _parameter_offsets(layout: struct.Struct, tensor_maps: int) -> tuple[int, ...]:
+    """Where each parameter starts in `layout`'s packed buffer followed by `tensor_maps` maps (_append_tensor_maps)."""
+    codes = layout.format.lstrip("@")
+    scalars = tuple(struct.calcsize("@" + codes[:i] + "0" + code) for i, code in enumerate(codes))
+    first_map = layout.size + -layout.size % _TENSOR_MAP_ALIGN
+    return scalars + tuple(first_map + i * _TENSOR_MAP_BYTES for i in range(tensor_maps))
+
+
 def launch_forward(variant: Variant, q, k, v, out, lse, bias, mask, scale: float) -> None:
     """Launch `variant` writing `out` (any strides with a unit last stride) and `lse` (windows, heads, N)."""
     device = q.device
@@ -144,7 +210,12 @@ def launch_forward(variant: Variant, q, k, v, out, lse, bias, mask, scale: float
         out.data_ptr(), *_strides(out), lse.data_ptr(), _pointer(bias), _pointer(mask),
         windows, heads, mask_windows, scale, splits,
     )
-    _launch(loaded, variant, blocks, packed, device)
+    if variant.tensor_maps:
+        packed = _append_tensor_maps(packed, [_key_value_map(t.data_ptr(), tuple(t.shape), t.stride(),
+                                                             t.element_size(), variant.key_tile) for t in (k, v)])
+        _launch(loaded, variant, blocks, packed, device, _parameter_offsets(_FORWARD_ARGS, 2))
+    else:
+        _launch(loaded, variant, blocks, packed, device)
 
 
 def launch_backward(variant: Variant, q, k, v, out, dout, lse, bias, mask, scale: float):

@@ -18,7 +18,8 @@ TEMPLATE_FOR_KIND = {"mma": "fwd_mma.cu.j2", "simt": "fwd_simt.cu.j2", "bwd_mma"
 
 _DERIVED = {
     "mma": ("head_dim_pad", "chunks_per_item", "m_tiles_per_warp", "warps_per_item", "key_tiles",
-            "threads", "smem_row_elems", "stream_add", "add_pitch", "wgmma", "kv_row_elems", "mma_type"),
+            "threads", "smem_row_elems", "stream_add", "add_pitch", "wgmma", "kv_row_elems", "mma_type",
+            "logit_add_bytes"),
     "simt": ("chunks_per_item", "cols_per_thread", "threads"),
     "bwd_mma": ("n_pad", "head_dim_pad", "threads", "smem_row_elems"),
     "bwd_simt": ("chunks_per_item", "cols_per_thread", "threads"),

@@ -45,6 +45,7 @@ class ForwardVariant:
     kind = "mma"
     stream_add = False  # the (bias + mask) term resident for the block's query chunk (ForwardStreamVariant: streamed)
     wgmma = False  # products by mma.sync (ForwardWgmmaVariant: by warpgroup MMA)
+    tensor_maps = False  # K and V copied by the block's threads (ForwardWgmmaVariant: by TMA)
 
     # --- identity -------------------------------------------------------------------------------
     def knobs(self) -> dict:
@@ -123,7 +124,7 @@ class ForwardVariant:
         stage_elems = self.windows_per_block * (self.query_chunk * self.smem_row_elems
                                                 + 2 * self.key_tile * self.kv_row_elems)
         tiles = self.stages * stage_elems * ELEMENT_BYTES[self.problem.dtype]
-        return tiles + self.logit_add_bytes + (WGMMA_ALIGN_BYTES if self.wgmma else 0)
+        return tiles + self.logit_add_bytes + (WGMMA_ALIGN_BYTES + TMA_BARRIER_BYTES if self.wgmma else 0)
 
     def grid(self, windows: int, heads: int, mask_windows: int, resident_blocks: int) -> tuple[int, int]:
         """(blocks, splits) for a call: each (head, mask window, query chunk) owner gets `splits` blocks
@@ -171,8 +172,10 @@ class ForwardStreamVariant(ForwardVariant):
 
 
 # wgmma reads K and V through descriptors of the 64-byte swizzle, whose tiles start 1024-byte aligned: the kernel
-# rounds its shared-memory base up, into this much room.
+# rounds its shared-memory base up, into this much room. TMA brings those tiles, a stage's copies completing on an
+# 8-byte mbarrier after the term (two stages at most).
 WGMMA_ALIGN_BYTES = 1024
+TMA_BARRIER_BYTES = 16
 
 
 class _WarpgroupProducts:
@@ -187,6 +190,7 @@ class _WarpgroupProducts:
     """
 
     wgmma = True
+    tensor_maps = True  # K and V come by TMA: the launch passes a tensor map of each (fwagen/launch.py)
     template = "fwd_mma.cu.j2"
     arch_suffix = "a"  # wgmma needs the architecture-specific target (sm_90a)
 
@@ -238,6 +242,7 @@ class SimtVariant:
     key_tile: int = 64
 
     kind = "simt"
+    tensor_maps = False
 
     knobs = ForwardVariant.knobs
     key = ForwardVariant.key

@@ -158,6 +158,19 @@ def test_wgmma_variants_match_reference(problem):
         check(variant, q, k, v, b, m, token_major=True)
 
 
+@pytest.mark.parametrize("problem", WGMMA_PROBLEMS[:2], ids=lambda p: p.key())
+def test_wgmma_variants_read_separate_head_major_tensors(problem):
+    # K and V come by TMA through tensor maps of each tensor's own strides: here (windows, heads, N, d) tensors of
+    # their own, where the test above reads views into one token-major qkv buffer.
+    if device_arch() != "sm_90":
+        pytest.skip("wgmma variants are legal on sm_90 only")
+    runnable = runnable_variants(problem, wgmma_variants(problem))
+    q, k, v, b, m = make_inputs(5, 2, problem.n, problem.head_dim, DTYPES[problem.dtype], bias=problem.has_bias,
+                                mask_windows=5 if problem.has_mask else 0, qkv_strided=False)
+    for variant in runnable[:: max(1, len(runnable) // 6)]:
+        check(variant, q, k, v, b, m)
+
+
 def on_few_blocks(variant, blocks):
     """`variant` (streamed) launched on `blocks` blocks whatever the GPU holds, so that each block walks several
     (owner, window group) items of uneven shares, from one head, mask window or query chunk into the next. Its own

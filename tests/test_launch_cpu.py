@@ -3,21 +3,24 @@ of the rendered kernels (a parameter added to a template and not to launch.py wo
 from __future__ import annotations
 
 import re
+import struct
 
 import pytest
 import torch
 
-from fwagen.launch import _BACKWARD_ARGS, _FORWARD_ARGS, _ROW_DELTA_ARGS, empty_lse
+from fwagen.launch import (_BACKWARD_ARGS, _FORWARD_ARGS, _ROW_DELTA_ARGS, _append_tensor_maps, _parameter_offsets,
+                           empty_lse)
 from fwagen.problem import Problem
 from fwagen.render import render
-from fwagen.space import default_backward, default_variant
+from fwagen.space import default_backward, default_variant, wgmma_variants
 from fwagen.variant import BackwardVariant
 
-C_TO_STRUCT = {"long long": "q", "int": "i", "float": "f"}
+C_TO_STRUCT = {"long long": "q", "int": "i", "float": "f", "const __grid_constant__ fwagen::TensorMap": "M"}
 
 
 def packed_codes(source: str) -> str:
-    """struct codes of a rendered kernel's parameters: pointers P, long long q, int i, float f."""
+    """struct codes of a rendered kernel's parameters: pointers P, long long q, int i, float f, and M for a TMA tensor
+    map passed by value."""
     params = re.search(r'extern "C" __global__ void[^(]*\([^)]*\)\s*\w+\((.*?)\)\s*\{', source, re.S).group(1)
     codes = []
     for param in (p.strip() for p in params.split(",")):
@@ -32,6 +35,24 @@ def packed_codes(source: str) -> str:
                          ids=lambda p: p.key())
 def test_forward_parameters_match_the_packed_buffer(problem):
     assert packed_codes(render(default_variant(problem))) == _FORWARD_ARGS.format.lstrip("@")
+
+
+def test_wgmma_forward_takes_the_packed_buffer_then_two_tensor_maps():
+    # K and V come by TMA: launch.py packs the scalar parameters, then K's and V's maps, and hands the driver a pointer
+    # to each parameter in that buffer.
+    variant = next(wgmma_variants(Problem(256, 32, "bfloat16", True, True)))
+    assert variant.tensor_maps
+    assert packed_codes(render(variant)) == _FORWARD_ARGS.format.lstrip("@") + "MM"
+    maps = [bytes(range(128)), bytes(range(128, 256))]
+    packed = _FORWARD_ARGS.pack(*([0] * 3 + [0, 0, 0] * 3 + [0, 0, 0, 0] + [0] * 3 + [1, 2, 0, 1.0, 1]))
+    params = _append_tensor_maps(packed, maps)
+    assert len(params) % 64 == 0 and params[: len(packed)] == packed
+    assert params[-256:] == b"".join(maps) and len(params) - 256 == -(-len(packed) // 64) * 64
+    offsets = _parameter_offsets(_FORWARD_ARGS, 2)
+    assert len(offsets) == len(_FORWARD_ARGS.format.lstrip("@")) + 2
+    for code, at, value in zip(_FORWARD_ARGS.format.lstrip("@"), offsets, _FORWARD_ARGS.unpack(packed)):
+        assert struct.unpack_from("@" + code, params, at)[0] == value
+    assert [params[at:at + 128] for at in offsets[-2:]] == maps
 
 
 def backward_variants():
