@@ -8,13 +8,15 @@ import torch
 from fwagen.bench import SHAPES
 from fwagen.launch import empty_lse, launch_forward
 from fwagen.problem import Problem
-from fwagen.variant import ForwardStreamVariant, ForwardVariant, ForwardWgmmaStreamVariant, ForwardWgmmaVariant
+from fwagen.variant import (ForwardStreamVariant, ForwardVariant, ForwardWgmmaStreamTmaVariant, ForwardWgmmaStreamVariant,
+                            ForwardWgmmaTmaVariant, ForwardWgmmaVariant)
 
 sys.path.insert(0, "tests")
 from helpers import make_inputs  # noqa: E402
 
 KINDS = {"mma": ForwardVariant, "mma_stream": ForwardStreamVariant, "wgmma": ForwardWgmmaVariant,
-         "wgmma_stream": ForwardWgmmaStreamVariant}
+         "wgmma_stream": ForwardWgmmaStreamVariant, "wgmma_tma": ForwardWgmmaTmaVariant,
+         "wgmma_stream_tma": ForwardWgmmaStreamTmaVariant}
 args = sys.argv[1:]
 kind = args.pop(0) if args[0] in KINDS else "mma"
 name, *knobs = args[:6]

@@ -19,7 +19,7 @@ TEMPLATE_FOR_KIND = {"mma": "fwd_mma.cu.j2", "simt": "fwd_simt.cu.j2", "bwd_mma"
 _DERIVED = {
     "mma": ("head_dim_pad", "chunks_per_item", "m_tiles_per_warp", "warps_per_item", "key_tiles",
             "threads", "smem_row_elems", "stream_add", "add_pitch", "wgmma", "kv_row_elems", "mma_type",
-            "logit_add_bytes"),
+            "logit_add_bytes", "tensor_maps"),
     "simt": ("chunks_per_item", "cols_per_thread", "threads"),
     "bwd_mma": ("n_pad", "head_dim_pad", "threads", "smem_row_elems"),
     "bwd_simt": ("chunks_per_item", "cols_per_thread", "threads"),
@@ -27,6 +27,7 @@ _DERIVED = {
     "bwd_delta": ("threads",),
 }
 _DERIVED["mma_stream"] = _DERIVED["wgmma"] = _DERIVED["wgmma_stream"] = _DERIVED["mma"]
+_DERIVED["wgmma_tma"] = _DERIVED["wgmma_stream_tma"] = _DERIVED["mma"]
 
 
 def template_dir() -> Path:

@@ -10,7 +10,8 @@ import itertools
 from .compiler import DEFAULT_MAX_SMEM, MAX_SMEM_PER_BLOCK, Resources, compile_variant
 from .problem import Problem, pad_to
 from .variant import (BackwardSimtVariant, BackwardTileVariant, BackwardVariant, ForwardStreamVariant, ForwardVariant,
-                      ForwardWgmmaStreamVariant, ForwardWgmmaVariant, SimtVariant, Variant)
+                      ForwardWgmmaStreamTmaVariant, ForwardWgmmaStreamVariant, ForwardWgmmaTmaVariant,
+                      ForwardWgmmaVariant, SimtVariant, Variant)
 
 MAX_THREADS = 512
 # The whole-window backward holds one warp per 16 query rows. Past 96 tokens a lane keeps n_pad / 2 dbias sums, the dQ
@@ -156,13 +157,15 @@ def wgmma_variants(problem: Problem):
     n_pad = pad_to(problem.n, 16)
     tiles = (32, 64, 128)
     shapes = ((64, 16), (128, 16), (128, 32))  # (query_chunk, rows_per_warp)
-    for wpb, (qc, rpw), kt, st, mb in itertools.product((1, 2), shapes, tiles, (1, 2), (1, 2)):
-        yield ForwardWgmmaVariant(problem, windows_per_block=wpb, query_chunk=qc, rows_per_warp=rpw, key_tile=kt,
-                                  stages=st, min_blocks=mb)
+    for cls in (ForwardWgmmaVariant, ForwardWgmmaTmaVariant):
+        for wpb, (qc, rpw), kt, st, mb in itertools.product((1, 2), shapes, tiles, (1, 2), (1, 2)):
+            yield cls(problem, windows_per_block=wpb, query_chunk=qc, rows_per_warp=rpw, key_tile=kt, stages=st,
+                      min_blocks=mb)
     if _offers_streamed(problem, n_pad):
-        for wpb, (qc, rpw), kt, mb in itertools.product((1, 2), shapes, (32, 64), (1, 2, 3)):
-            yield ForwardWgmmaStreamVariant(problem, windows_per_block=wpb, query_chunk=qc, rows_per_warp=rpw,
-                                            key_tile=kt, stages=2, min_blocks=mb)
+        for cls in (ForwardWgmmaStreamVariant, ForwardWgmmaStreamTmaVariant):
+            for wpb, (qc, rpw), kt, mb in itertools.product((1, 2), shapes, (32, 64), (1, 2, 3)):
+                yield cls(problem, windows_per_block=wpb, query_chunk=qc, rows_per_warp=rpw, key_tile=kt, stages=2,
+                          min_blocks=mb)
 
 
 def _simt_candidates(problem: Problem):

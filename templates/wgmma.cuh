@@ -1,5 +1,6 @@
 // Warpgroup MMA (wgmma, sm_90a) helpers: matrix descriptors, the fences and waits around the asynchronous products,
-// and the TMA copies (with their mbarriers) that fill tiles in the 64-byte swizzled layout the descriptors describe.
+// and the copies that fill tiles in the 64-byte swizzled layout the descriptors describe: by the block's threads
+// (cp.async) or by TMA (with its mbarriers).
 // Plain CUDA: the wgmma instructions themselves, whose operand lists depend on the tile width, come from the macro in
 // wgmma.j2. The layouts and descriptor fields were checked on an H100 by bench/wgmma_probe.py
 // (bench/results/nvidia-h100-80gb-hbm3-wgmma-probe.md).
@@ -11,7 +12,12 @@ namespace fwagen {
 // A [rows][32] 16-bit tile in the 64-byte swizzle: 16-byte chunk c of row r sits at byte
 // r * 64 + (c ^ (r / 2) % 4) * 16, the layout TMA writes with CU_TENSOR_MAP_SWIZZLE_64B. The pattern repeats every eight
 // rows (512 bytes), so a tile starts 512-byte aligned.
+constexpr int SWIZZLE64_ROW_BYTES = 64;
 constexpr int SWIZZLE64_ATOM_BYTES = 512;
+
+__device__ __forceinline__ int swizzle64_offset(int row, int chunk) {
+  return row * SWIZZLE64_ROW_BYTES + ((chunk ^ ((row >> 1) & 3)) << 4);
+}
 
 // Bits 0-13: shared address / 16; 16-29: leading byte offset / 16 (the stride between core matrices along k); 32-45:
 // stride byte offset / 16 (between groups of eight rows along m or n); 62-63: swizzle mode (0 none, 2 64 bytes).
@@ -86,5 +92,26 @@ __device__ __forceinline__ void tma_load_4d(void* dst, const TensorMap* map, int
       "l"(reinterpret_cast<unsigned long long>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(smem_addr(bar))
       : "memory");
 }
+
+// load_tile_async's copy (zero-filled past valid_rows, valid_cols or an invalid item) into a [ROWS][32] tile in the
+// 64-byte swizzle.
+template <typename T, int ROWS, int THREADS>
+__device__ __forceinline__ void load_tile_async_swizzle64(T* smem, const T* base, int row_stride, int first_row,
+                                                          int valid_rows, int valid_cols, bool valid_item) {
+  static_assert(sizeof(T) == 2, "the 64-byte swizzle holds rows of 32 16-bit elements");
+  constexpr int VEC = 8, PER_ROW = 4, CHUNKS = ROWS * PER_ROW;
+  constexpr int ITERS = (CHUNKS + THREADS - 1) / THREADS;
+#pragma unroll
+  for (int i = 0; i < ITERS; ++i) {
+    const unsigned c = threadIdx.x + i * THREADS;
+    if (CHUNKS % THREADS != 0 && c >= CHUNKS) break;
+    const int r = c / PER_ROW, chunk = c % PER_ROW, col = chunk * VEC;
+    const int row = first_row + r;
+    const bool in = valid_item && row < valid_rows && col < valid_cols;
+    cp_async16(reinterpret_cast<unsigned char*>(smem) + swizzle64_offset(r, chunk),
+               in ? base + (row * row_stride + col) : base, in ? 16 : 0);
+  }
+}
+
 
 }  // namespace fwagen

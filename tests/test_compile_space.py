@@ -29,7 +29,8 @@ from fwagen.render import render
 from fwagen.space import (backward_candidates, candidates, default_backward, default_variant, max_smem,
                           resource_violation, static_violation)
 from fwagen.variant import (BackwardSimtVariant, BackwardTileVariant, ForwardStreamVariant, ForwardVariant,
-                            ForwardWgmmaStreamVariant, ForwardWgmmaVariant, SimtVariant, variant_from_dict)
+                            ForwardWgmmaStreamTmaVariant, ForwardWgmmaStreamVariant, ForwardWgmmaTmaVariant,
+                            ForwardWgmmaVariant, SimtVariant, variant_from_dict)
 
 ARCHS = ("sm_80", "sm_90")
 
@@ -198,7 +199,9 @@ def test_sample_covers_every_pair_of_knob_values_and_every_problem_of_each_kind(
         legal = space_pool(arch)
         covered = set().union(*(features(v) for v in SAMPLE[arch]))
         assert covered == set().union(*(features(v) for v in legal))
-        wgmma = {"wgmma": ForwardWgmmaVariant, "wgmma_stream": ForwardWgmmaStreamVariant} if arch == "sm_90" else {}
+        wgmma = {"wgmma": ForwardWgmmaVariant, "wgmma_stream": ForwardWgmmaStreamVariant,
+                 "wgmma_tma": ForwardWgmmaTmaVariant, "wgmma_stream_tma": ForwardWgmmaStreamTmaVariant} \
+            if arch == "sm_90" else {}
         assert {v.kind for v in SAMPLE[arch]} == {"mma", "mma_stream", "simt", "bwd_simt", "bwd_tile", *wgmma}
         for kind, cls in (("mma", ForwardVariant), ("mma_stream", ForwardStreamVariant), ("simt", SimtVariant),
                           ("bwd_simt", BackwardSimtVariant), ("bwd_tile", BackwardTileVariant), *wgmma.items()):

@@ -14,7 +14,8 @@ from fwagen.launch import empty_lse, launch_forward
 from fwagen.problem import Problem
 from fwagen.reference import log_sum_exp_reference
 from fwagen.space import candidates, default_variant, resource_violation, static_violation, wgmma_variants
-from fwagen.variant import ForwardStreamVariant, ForwardWgmmaStreamVariant, ForwardWgmmaVariant
+from fwagen.variant import (ForwardStreamVariant, ForwardWgmmaStreamTmaVariant, ForwardWgmmaStreamVariant,
+                            ForwardWgmmaTmaVariant, ForwardWgmmaVariant)
 
 from helpers import DTYPES, allowed_error, make_inputs, minus_inf_mask, reference64
 
@@ -159,12 +160,12 @@ def test_wgmma_variants_match_reference(problem):
 
 
 @pytest.mark.parametrize("problem", WGMMA_PROBLEMS[:2], ids=lambda p: p.key())
-def test_wgmma_variants_read_separate_head_major_tensors(problem):
-    # K and V come by TMA through tensor maps of each tensor's own strides: here (windows, heads, N, d) tensors of
-    # their own, where the test above reads views into one token-major qkv buffer.
+def test_tma_variants_read_separate_head_major_tensors(problem):
+    # The TMA kinds read K and V through tensor maps of each tensor's own strides: here (windows, heads, N, d) tensors
+    # of their own, where the test above reads views into one token-major qkv buffer.
     if device_arch() != "sm_90":
         pytest.skip("wgmma variants are legal on sm_90 only")
-    runnable = runnable_variants(problem, wgmma_variants(problem))
+    runnable = runnable_variants(problem, [v for v in wgmma_variants(problem) if v.tensor_maps])
     q, k, v, b, m = make_inputs(5, 2, problem.n, problem.head_dim, DTYPES[problem.dtype], bias=problem.has_bias,
                                 mask_windows=5 if problem.has_mask else 0, qkv_strided=False)
     for variant in runnable[:: max(1, len(runnable) // 6)]:
@@ -307,3 +308,6 @@ def test_small_grid_for_sanitizer():
         q, k, v, b, m = make_inputs(3, 2, problem.n, problem.head_dim, torch.bfloat16, mask_windows=3, qkv_strided=True)
         check(ForwardWgmmaVariant(problem, *SANITIZED_WGMMA), q, k, v, b, m, token_major=True)
         check(ForwardWgmmaStreamVariant(problem, 1, 64, 16, 32, 2, 2), q, k, v, b, m, token_major=True)
+        # K and V by TMA: a stage's mbarrier, windows past the last (two a block over three) read as zeros
+        check(ForwardWgmmaTmaVariant(problem, *SANITIZED_WGMMA), q, k, v, b, m, token_major=True)
+        check(ForwardWgmmaStreamTmaVariant(problem, 2, 64, 16, 32, 2, 1), q, k, v, b, m, token_major=True)

@@ -37,12 +37,14 @@ def test_forward_parameters_match_the_packed_buffer(problem):
     assert packed_codes(render(default_variant(problem))) == _FORWARD_ARGS.format.lstrip("@")
 
 
-def test_wgmma_forward_takes_the_packed_buffer_then_two_tensor_maps():
+def test_tma_forward_takes_the_packed_buffer_then_two_tensor_maps():
     # K and V come by TMA: launch.py packs the scalar parameters, then K's and V's maps, and hands the driver a pointer
-    # to each parameter in that buffer.
-    variant = next(wgmma_variants(Problem(256, 32, "bfloat16", True, True)))
-    assert variant.tensor_maps
-    assert packed_codes(render(variant)) == _FORWARD_ARGS.format.lstrip("@") + "MM"
+    # to each parameter in that buffer. The wgmma kinds that copy K and V themselves take the plain buffer.
+    variants = list(wgmma_variants(Problem(256, 32, "bfloat16", True, True)))
+    by_tma = next(v for v in variants if v.tensor_maps)
+    by_threads = next(v for v in variants if not v.tensor_maps)
+    assert packed_codes(render(by_tma)) == _FORWARD_ARGS.format.lstrip("@") + "MM"
+    assert packed_codes(render(by_threads)) == _FORWARD_ARGS.format.lstrip("@")
     maps = [bytes(range(128)), bytes(range(128, 256))]
     packed = _FORWARD_ARGS.pack(*([0] * 3 + [0, 0, 0] * 3 + [0, 0, 0, 0] + [0] * 3 + [1, 2, 0, 1.0, 1]))
     params = _append_tensor_maps(packed, maps)
