@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from .compiler import CompileError, compile_variant
 from .problem import DTYPES, Problem
 from .space import backward_candidates, candidates, default_variant, resource_violation
-from .variant import Variant
+from .variant import Variant, tma_twin
 
 SWIN_TOKENS = (49, 64, 144, 256, 576)  # windows 7, 8, 12, 16, 24
 SWIN_HEAD_DIM = 32
@@ -229,8 +229,10 @@ def seeds_for(pclass, entries: list, found: dict) -> list[Variant]:
     seeds = []
     for other, variant in sorted(related, key=closeness):
         moved = with_problem(variant, pclass)
-        if moved not in seeds:
-            seeds.append(moved)
+        # A wgmma pick's twin with K and V by TMA runs the same tiles: a good guess beside it.
+        for guess in (moved, tma_twin(moved)):
+            if guess is not None and guess not in seeds:
+                seeds.append(guess)
     return seeds[:MAX_SEEDS]
 
 

@@ -236,6 +236,13 @@ class ForwardWgmmaStreamTmaVariant(_TensorMemoryAccelerator, ForwardWgmmaStreamV
     kind = "wgmma_stream_tma"
 
 
+def tma_twin(variant) -> Variant | None:
+    """The variant of the same knobs with K and V by TMA, for a wgmma variant that copies them itself; else None."""
+    twin = {ForwardWgmmaVariant: ForwardWgmmaTmaVariant, ForwardWgmmaStreamVariant: ForwardWgmmaStreamTmaVariant}
+    cls = twin.get(type(variant))
+    return None if cls is None else cls(variant.problem, **variant.knobs())
+
+
 # A block's fixed cost (its bias and mask term, the first load nothing overlaps) in window groups.
 BLOCK_OVERHEAD_GROUPS = 2
 

@@ -20,6 +20,7 @@ from fwagen import registry, tune
 from fwagen.evaluate import Measurement, class_shape
 from fwagen.recording import Recorder, RecordingEvaluator, record_line
 from fwagen.problem import Problem
+from fwagen.variant import ForwardStreamVariant, ForwardWgmmaStreamTmaVariant, ForwardWgmmaStreamVariant
 from fwagen.registry import ProblemClass
 from fwagen.space import candidates, default_variant
 from fwagen.search import EXHAUSTIVE_MAX, KnobSampler, Plan, Space, make_plan, simplicity
@@ -412,6 +413,16 @@ def test_seeds_prefer_the_same_problem_then_mask_then_dtype():
              "3": (other_n, a.__class__(other_n.problem, **a.knobs())),
              "4": (ProblemClass(S1.problem, 1024), a)}
     assert tune.seeds_for(S1, [], found) == [a, b, c]
+
+
+def test_a_wgmma_seed_brings_its_tma_twin_next():
+    pclass = ProblemClass(Problem(576, 32, "bfloat16", True, False), 4096)
+    pick = ForwardWgmmaStreamVariant(pclass.problem, 2, 64, 16, 64, 2, 1)
+    other = ForwardStreamVariant(pclass.problem, 2, 64, 32, 32, 2, 2)
+    found = {"1": (pclass, pick), "2": (ProblemClass(pclass.problem, 1024), other)}
+    twin = ForwardWgmmaStreamTmaVariant(pclass.problem, 2, 64, 16, 64, 2, 1)
+    assert tune.seeds_for(pclass, [], found) == [pick, twin, other]
+    assert twin.knobs() == pick.knobs() and twin.tensor_maps and not pick.tensor_maps
 
 
 def test_class_inputs_fill_the_bucket_with_whole_images():
