@@ -25,7 +25,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", action="append", choices=[s.name for s in SHAPES])
     args = parser.parse_args(argv)
-    calls, picks = {}, {}
+    calls = {}
     for shape in [s for s in SHAPES if s.name in (args.shape or ["w16-n256", "w24-n576"])]:
         for dtype in ("float16", "bfloat16"):
             for masked in (False, True):
@@ -36,7 +36,6 @@ def main(argv=None):
                 variant = choose(problem, work_bucket(shape.windows * shape.heads), device_arch(),
                                  torch.cuda.get_device_name()).variant
                 label = f"| {shape.name} | {dtype} | {'yes' if masked else 'no'} | {variant.key()} |"
-                picks[label] = variant
                 calls[label] = (lambda variant=variant, a=(q, k, v, out, empty_lse(q), b, m, shape.d ** -0.5):
                                 launch_forward(variant, *a))
     timings = interleaved(calls, use_graph=True)

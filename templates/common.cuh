@@ -119,6 +119,31 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const unsigned (&a)[4], 
 // 16 bytes per thread per step, fully unrolled so that the chunk -> (row, column) split is compile-time
 // arithmetic. Rows at or past `valid_rows` and columns at or past `valid_cols` are zero-filled. `row_stride`
 // is in elements; a window's rows span less than 2^31 elements (checked by the launcher).
+// This thread's share of SLOTS items (threadIdx.x, + THREADS, ...): value = load(slot), then store(slot, value), in
+// batches of at most MAX_BATCH slots whose loads are all issued before the first store, so that a batch waits for
+// one memory round trip (a loop loading and storing slot after slot waits for one every slot, or every unrolling).
+// A batch's values stay in registers: MAX_BATCH bounds them. load runs, unused, on slot 0 in place of a slot past
+// SLOTS.
+template <int SLOTS, int THREADS, int MAX_BATCH, typename Load, typename Store>
+__device__ __forceinline__ void load_all_then_store(Load load, Store store) {
+  constexpr int PER_THREAD = (SLOTS + THREADS - 1) / THREADS;
+  constexpr int BATCHES = (PER_THREAD + MAX_BATCH - 1) / MAX_BATCH, BATCH = (PER_THREAD + BATCHES - 1) / BATCHES;
+#pragma unroll 1
+  for (int first = 0; first < PER_THREAD; first += BATCH) {
+    decltype(load(0)) values[BATCH];
+#pragma unroll
+    for (int i = 0; i < BATCH; ++i) {
+      const int slot = threadIdx.x + (first + i) * THREADS;
+      values[i] = load(slot < SLOTS ? slot : 0);
+    }
+#pragma unroll
+    for (int i = 0; i < BATCH; ++i) {
+      const int slot = threadIdx.x + (first + i) * THREADS;
+      if (slot < SLOTS) store(slot, values[i]);
+    }
+  }
+}
+
 template <typename T, int ROWS, int COLS, int PITCH, int THREADS>
 __device__ __forceinline__ void load_tile_async(T* smem, const T* base, int row_stride, int first_row,
                                                 int valid_rows, int valid_cols, bool valid_item) {

@@ -219,41 +219,30 @@ __device__ __forceinline__ int2 accumulator_slot_origin(int slot) {
 template <int ROWS, int COLS, int N, int THREADS, bool HAS_BIAS, bool HAS_MASK>
 __device__ __forceinline__ void fill_logit_add(float* add, const float* bias_h, const float* mask_w, int row_first,
                                                int col_first, float unit) {
-  // A thread's float4 slots in batches whose global loads are all issued before any is summed: one L2 round trip a
-  // batch (a loop unrolled by eight elements waited for one every eight). At most 64 loaded floats a batch.
-  constexpr int SLOTS = ROWS * COLS / 4, PER_THREAD = (SLOTS + THREADS - 1) / THREADS;
-  constexpr int LOADS = (HAS_BIAS ? 1 : 0) + (HAS_MASK ? 1 : 0);
-  constexpr int MAX_BATCH = LOADS == 0 ? PER_THREAD : 64 / (4 * LOADS);
-  constexpr int BATCHES = (PER_THREAD + MAX_BATCH - 1) / MAX_BATCH, BATCH = (PER_THREAD + BATCHES - 1) / BATCHES;
-#pragma unroll 1
-  for (int first = 0; first < PER_THREAD; first += BATCH) {
-    float sums[BATCH][4];
+  // The loads of up to 16 slots (64 floats) a thread in flight at once: load_all_then_store.
+  constexpr int LOADS = (HAS_BIAS ? 1 : 0) + (HAS_MASK ? 1 : 0), SLOTS = ROWS * COLS / 4;
+  load_all_then_store<SLOTS, THREADS, LOADS == 0 ? SLOTS : 64 / (4 * LOADS)>(
+      [&](int slot) {  // bias + mask at the slot's four scores
+        const int2 origin = accumulator_slot_origin<COLS>(slot);
+        float sum[4];
 #pragma unroll
-    for (int i = 0; i < BATCH; ++i) {
-      const int slot = threadIdx.x + (first + i) * THREADS;
-      const int2 origin = accumulator_slot_origin<COLS>(slot < SLOTS ? slot : 0);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int query = row_first + origin.x + (e >= 2 ? 8 : 0), key = col_first + origin.y + (e & 1);
-        sums[i][e] = 0.f;
-        if (query < N && key < N) {
-          if (HAS_BIAS) sums[i][e] += __ldg(bias_h + query * N + key);
-          if (HAS_MASK) sums[i][e] += __ldg(mask_w + query * N + key);
+        for (int e = 0; e < 4; ++e) {
+          const int query = row_first + origin.x + (e >= 2 ? 8 : 0), key = col_first + origin.y + (e & 1);
+          sum[e] = 0.f;
+          if (query < N && key < N) {
+            if (HAS_BIAS) sum[e] += __ldg(bias_h + query * N + key);
+            if (HAS_MASK) sum[e] += __ldg(mask_w + query * N + key);
+          }
         }
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < BATCH; ++i) {
-      const int slot = threadIdx.x + (first + i) * THREADS;
-      if (slot < SLOTS) {
+        return make_float4(sum[0], sum[1], sum[2], sum[3]);
+      },
+      [&](int slot, float4 sum) {
         const int key = col_first + accumulator_slot_origin<COLS>(slot).y;
         const bool in0 = key < N, in1 = key + 1 < N;
         reinterpret_cast<float4*>(add)[slot] =
-            make_float4(in0 ? sums[i][0] * unit : -INFINITY, in1 ? sums[i][1] * unit : -INFINITY,
-                        in0 ? sums[i][2] * unit : -INFINITY, in1 ? sums[i][3] * unit : -INFINITY);
-      }
-    }
-  }
+            make_float4(in0 ? sum.x * unit : -INFINITY, in1 ? sum.y * unit : -INFINITY,
+                        in0 ? sum.z * unit : -INFINITY, in1 ? sum.w * unit : -INFINITY);
+      });
 }
 
 // fill_logit_add's result for a whole window (ROWS = COLS = NP), through shared memory: the bias, then the mask, is
