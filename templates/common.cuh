@@ -115,10 +115,6 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const unsigned (&a)[4], 
   mma16816_from<T>(d, a, b0, b1, d);
 }
 
-// Copy ROWS rows of COLS (a multiple of 16 bytes' worth) elements into shared memory with row pitch PITCH,
-// 16 bytes per thread per step, fully unrolled so that the chunk -> (row, column) split is compile-time
-// arithmetic. Rows at or past `valid_rows` and columns at or past `valid_cols` are zero-filled. `row_stride`
-// is in elements; a window's rows span less than 2^31 elements (checked by the launcher).
 // This thread's share of SLOTS items (threadIdx.x, + THREADS, ...): value = load(slot), then store(slot, value), in
 // batches of at most MAX_BATCH slots whose loads are all issued before the first store, so that a batch waits for
 // one memory round trip (a loop loading and storing slot after slot waits for one every slot, or every unrolling).
@@ -144,6 +140,10 @@ __device__ __forceinline__ void load_all_then_store(Load load, Store store) {
   }
 }
 
+// Copy ROWS rows of COLS (a multiple of 16 bytes' worth) elements into shared memory with row pitch PITCH,
+// 16 bytes per thread per step, fully unrolled so that the chunk -> (row, column) split is compile-time
+// arithmetic. Rows at or past `valid_rows` and columns at or past `valid_cols` are zero-filled. `row_stride`
+// is in elements; a window's rows span less than 2^31 elements (checked by the launcher).
 template <typename T, int ROWS, int COLS, int PITCH, int THREADS>
 __device__ __forceinline__ void load_tile_async(T* smem, const T* base, int row_stride, int first_row,
                                                 int valid_rows, int valid_cols, bool valid_item) {
