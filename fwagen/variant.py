@@ -313,10 +313,11 @@ LARGE_BACKWARD_FROM = 96  # padded window size past which the whole-window backw
 class BackwardVariant:
     """Tensor-core backward (fp16/bf16) for windows whose padded size fits one tile (up to 144 tokens).
 
-    A block owns one (head, mask window) pair and walks its windows; warp w recomputes P for query rows
-    [16w, 16w+16), forms dS and dQ, then computes dK and dV for key rows [16w, 16w+16) from P and dS staged in
-    shared memory (past 96 tokens, dV or dK of 32 keys a warp instead: `key_gradients_from_staged`). dbias is summed
-    over the block's windows and written once per block: in shared memory up to 96 tokens (bwd_mma.cu.j2), in
+    A block owns one (head, mask window) pair and walks its windows (past 96 tokens with a mask, a share of one
+    head's windows across mask windows: `shares_mask_windows`); warp w recomputes P for query rows [16w, 16w+16),
+    forms dS and dQ, then computes dK and dV for key rows [16w, 16w+16) from P and dS staged in shared memory (past
+    96 tokens, dV or dK of 32 keys a warp instead: `key_gradients_from_staged`). dbias is summed over the block's
+    windows and written once per block: in shared memory up to 96 tokens (bwd_mma.cu.j2), in
     registers past that (bwd_mma_large.cu.j2, `large_window`).
     """
 
@@ -359,7 +360,18 @@ class BackwardVariant:
             return 4 * tile + staged + logit_add  # q, k, v, dO
         return self.stages * 5 * tile + staged + logit_add + self.n_pad * self.n_pad * 4  # + the dbias sums
 
+    @property
+    def shares_mask_windows(self) -> bool:
+        """Whether a block's windows run across mask windows (the large-window layout with a mask: MaskWindowShare in
+        mma_tiles.cuh), not one (head, mask window) pair's."""
+        return self.large_window and self.problem.has_mask
+
     def grid(self, windows: int, heads: int, mask_windows: int, resident_blocks: int) -> tuple[int, int]:
+        if self.shares_mask_windows:  # `splits` shares of each head's windows, as many as `choose_splits` finds best
+            if windows == 0:
+                return 0, 1
+            splits = choose_splits(heads, windows, resident_blocks)
+            return heads * splits, splits
         # Whole (head, mask window) pairs per block keep dbias one partial sum per block; as many splits of
         # each pair's windows as fit in one wave (rounding down: a second, nearly empty wave would cost a
         # whole wave's time).
@@ -371,6 +383,8 @@ class BackwardVariant:
     def dbias_partials(self, heads: int, mask_windows: int, splits: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(shape of the float32 partial sums, one per block, and the dims summed to give dbias)."""
         n = self.problem.n
+        if self.shares_mask_windows:
+            return (heads, splits, n, n), (1,)
         return (max(mask_windows, 1), heads, splits, n, n), (0, 2)
 
 

@@ -210,6 +210,40 @@ def test_large_window_whole_window_kernel_matches_float64_autograd(case):
     check_variants(problem, windows, heads, mask_windows, [variant])
 
 
+def on_few_shares(variant, splits):
+    """`variant` (large-window, with a mask) launched with `splits` shares of each head's windows whatever the GPU
+    holds, so that each block walks several windows across mask windows (its term filled anew at each change, and
+    wrapping around to its share's start) in uneven shares. Its own key, so that neither its plan nor its kernel is
+    shared with the variant's."""
+
+    class OnFewShares(BackwardVariant):
+        def key(self):
+            return f"{super().key()}_g{splits}"
+
+        def grid(self, windows, heads, mask_windows, resident_blocks):
+            return heads * splits, splits
+
+    return OnFewShares(variant.problem, **variant.knobs())
+
+
+# (problem, windows, heads, mask windows): bias or not, padded rows and keys (121), head dims 32 and 64.
+FEW_SHARE_CASES = [
+    (Problem(144, 32, "bfloat16", True, True, "bwd"), 24, 2, 4),
+    (Problem(121, 32, "float16", True, True, "bwd"), 18, 1, 3),
+    (Problem(144, 32, "float16", False, True, "bwd"), 20, 3, 5),
+    (Problem(112, 64, "bfloat16", True, True, "bwd"), 16, 2, 2),
+]
+
+
+@pytest.mark.parametrize("splits", [1, 4, 7])
+@pytest.mark.parametrize("case", FEW_SHARE_CASES, ids=lambda c: c[0].key())
+def test_large_window_blocks_walking_across_mask_windows_match_float64_autograd(case, splits):
+    problem, windows, heads, mask_windows = case
+    variant = on_few_shares(BackwardVariant(problem), splits)
+    assert variant.shares_mask_windows and static_violation(variant) is None
+    check_variants(problem, windows, heads, mask_windows, [variant])
+
+
 @pytest.mark.parametrize("n, dtype", [(49, "float16"), (144, "bfloat16"), (576, "bfloat16"), (100, "float32")])
 def test_minus_inf_mask_gradients_match_float64_autograd(n, dtype):
     # -inf logits must give p = 0 and no gradient, never inf - inf = NaN, in every backward layout.
@@ -228,8 +262,8 @@ def test_small_backward_grid_for_sanitizer():
     for dtype, n, d in (("float16", 49, 32), ("bfloat16", 9, 16), ("float16", 64, 64), ("bfloat16", 144, 32),
                         ("float32", 49, 32), ("bfloat16", 200, 16), ("float16", 300, 32)):
         run_case(4, 2, n, d, DTYPES[dtype], bias=True, mask_windows=2, qkv_strided=True, token_major=True)
-    # The large-window kernel with blocks that walk two windows each, as at the bench's window 12 (the calls above give
-    # a block one window): 198 pairs of head and mask window, more than an H100 or H200 has multiprocessors.
+    # The large-window kernel with blocks that walk three windows each across two mask windows, the term filled anew
+    # between them (the calls above give a block one window).
     # Its values are checked against float64 in test_large_window_whole_window_kernel_matches_float64_autograd;
     # eager bf16 here would bring cuBLAS kernels that racecheck flags on its own.
     q, k, v, b, m = make_inputs(396, 1, 144, 32, torch.bfloat16, mask_windows=198, qkv_strided=True)

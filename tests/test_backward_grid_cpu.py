@@ -16,7 +16,8 @@ import pytest
 
 from fwagen.problem import Problem
 from fwagen.variant import (DBIAS_PARTIAL_BUDGET_BYTES, TILE_DBIAS_PARTIAL_BYTES, BackwardSimtVariant,
-                            BackwardTileVariant, BackwardVariant, ForwardStreamVariant, choose_tile_splits)
+                            BackwardTileVariant, BackwardVariant, ForwardStreamVariant, choose_splits,
+                            choose_tile_splits)
 
 # (windows, heads, mask windows): the bench's Swin shapes and small odd ones.
 CALLS = [(8192, 3, 64), (2048, 4, 64), (1024, 4, 64), (256, 8, 16), (128, 24, 0), (5, 2, 0), (12, 2, 4), (3, 7, 1)]
@@ -65,17 +66,59 @@ def test_cuda_core_grid_gives_every_split_a_window_and_bounds_the_partial_sums()
 
 
 def test_whole_window_grid_is_at_most_one_wave_of_head_and_mask_window_pairs():
-    # bwd_mma.cu.j2 and bwd_mma_large.cu.j2: block i holds pair i / splits (head, mask window) and walks every
-    # splits-th of its windows, summing its dbias partial in one place; a second, nearly empty wave would cost a whole
-    # wave's time, so splits round down (a pair has one block even where pairs outnumber what the GPU holds).
+    # bwd_mma.cu.j2 and bwd_mma_large.cu.j2 without a mask: block i holds pair i / splits (head, mask window) and walks
+    # every splits-th of its windows, summing its dbias partial in one place; a second, nearly empty wave would cost a
+    # whole wave's time, so splits round down (a pair has one block even where pairs outnumber what the GPU holds).
     for n, (windows, heads, mask_windows), resident in itertools.product((64, 144), CALLS, RESIDENT):
         variant = BackwardVariant(Problem(n, 32, "bfloat16", True, mask_windows > 0, "bwd"))
+        if variant.shares_mask_windows:
+            continue
         blocks, splits = variant.grid(windows, heads, mask_windows, resident)
         pairs = heads * max(mask_windows, 1)
         assert blocks == pairs * splits and 1 <= splits <= max(windows // max(mask_windows, 1), 1)
         assert blocks <= max(resident, pairs)
         assert variant.dbias_partials(heads, mask_windows, splits) == ((max(mask_windows, 1), heads, splits, n, n),
                                                                        (0, 2))
+
+
+def mask_window_share(split, splits, windows, mask_windows):
+    """The windows block `split` of a head walks, in its order: MaskWindowShare (mma_tiles.cuh) step by step."""
+    first, end = windows * split // splits, windows * (split + 1) // splits
+    steps, images = end - first, windows // mask_windows
+    to_next_mask_window = (images - first % images) % images
+    start = first + (to_next_mask_window if to_next_mask_window < steps else 0)
+    positions = [start + step if start + step < end else start + step - steps for step in range(steps)]
+    return [at % images * mask_windows + at // images for at in positions]
+
+
+def test_large_window_grid_with_a_mask_shares_each_heads_windows_evenly_and_in_step():
+    # bwd_mma_large.cu.j2 with a mask: block i walks share i % splits of head i / splits's windows, across mask
+    # windows. Every window in exactly one share, shares within one window of each other, the mask window changing at
+    # most once a mask window's images plus once at the wrap; and a share starting at a mask window's first image where
+    # one starts in it, so that blocks walk images in step.
+    variant = BackwardVariant(Problem(144, 32, "float16", True, True, "bwd"))
+    assert variant.shares_mask_windows
+    for (windows, heads, mask_windows), resident in itertools.product(
+            [c for c in CALLS if c[2] > 0] + [(2048, 4, 64), (396, 1, 198), (40, 3, 8)], RESIDENT):
+        blocks, splits = variant.grid(windows, heads, mask_windows, resident)
+        assert blocks == heads * splits and splits == choose_splits(heads, windows, resident)
+        assert variant.dbias_partials(heads, mask_windows, splits) == ((heads, splits, 144, 144), (1,))
+        images = windows // mask_windows
+        walked = []
+        for split in range(splits):
+            share = mask_window_share(split, splits, windows, mask_windows)
+            assert windows // splits <= len(share) <= -(-windows // splits)
+            changes = sum(a % mask_windows != b % mask_windows for a, b in zip(share, share[1:]))
+            assert changes <= -(-len(share) // images) + 1
+            crosses = len({b % mask_windows for b in share}) > 1
+            if crosses:
+                assert share[0] // mask_windows == 0  # image 0 of the first mask window starting in the share
+            walked += share
+        assert sorted(walked) == list(range(windows))
+    assert variant.grid(0, 4, 64, 132)[0] == 0
+    # Swin's window 12 on an H100 (4 heads, 32 images of 64 mask windows, 132 blocks): 62 or 63 windows a block, all
+    # in one wave, against whole pairs' 256 blocks of 32 in two.
+    assert variant.grid(2048, 4, 64, 132) == (132, 33)
 
 
 def test_no_windows_launch_nothing():
