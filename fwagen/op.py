@@ -207,6 +207,47 @@ def _backward(ctx, grad_out, grad_lse):
 window_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _qkv_views(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k and v as (windows, heads, N, d) views of a (windows, N, 3, heads, d) tensor."""
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+# The op over the qkv Linear's output itself: its gradient is the backward's (windows, N, 3, heads, d) buffer as it
+# comes, where q, k and v taken as views of qkv outside the op make autograd stack their three gradients into a new
+# tensor (a copy that took 0.42 ms a training step at Swin's window 12 on an H100, as long as the rest of the
+# backward).
+@torch.library.custom_op("fwagen::window_attention_qkv_fwd", mutates_args=())
+def window_attention_qkv_fwd(qkv: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor | None, scale: float,
+                             token_major: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(*_qkv_views(qkv), bias, mask, scale, token_major)
+
+
+@window_attention_qkv_fwd.register_fake
+def _(qkv, bias, mask, scale, token_major):
+    out, _, lse = _empty_outputs(_qkv_views(qkv)[0], token_major)
+    return out, lse
+
+
+def _setup_context_qkv(ctx, inputs, output):
+    qkv, bias, mask, scale, token_major = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(qkv, bias, mask, out, lse)
+    ctx.scale, ctx.token_major = scale, token_major
+
+
+def _backward_qkv(ctx, grad_out, grad_lse):
+    _refuse_second_order()
+    qkv, bias, mask, out, lse = ctx.saved_tensors
+    bias_needs_grad = bias is not None and ctx.needs_input_grad[1]
+    dqkv, dbias = torch.ops.fwagen.window_attention_bwd(*_qkv_views(qkv), bias, mask, out, lse, grad_out, ctx.scale,
+                                                        ctx.token_major, bias_needs_grad)
+    return dqkv, (dbias if bias_needs_grad else None), None, None, None
+
+
+window_attention_qkv_fwd.register_autograd(_backward_qkv, setup_context=_setup_context_qkv)
+
+
 class _EagerAutograd(torch.autograd.Function):
     """The same forward and backward for eager calls that need gradients, without the custom ops' dispatch
     layers (about a hundred microseconds of host time per call, measured on an H200 host); torch.compile
@@ -224,6 +265,25 @@ class _EagerAutograd(torch.autograd.Function):
         _refuse_second_order()
         dqkv, dbias = _gradients(*ctx.saved_tensors, ctx.scale, ctx.token_major, ctx.needs_input_grad[3], grad_out)
         return (*_split_qkv(dqkv), dbias, None, None, None)
+
+
+class _EagerAutogradQKV(torch.autograd.Function):
+    """_EagerAutograd over the qkv tensor: its gradient is the backward's buffer itself (window_attention_qkv_fwd)."""
+
+    @staticmethod
+    def forward(ctx, qkv, bias, mask, scale, token_major):
+        out, lse = _forward(*_qkv_views(qkv), bias, mask, scale, token_major)
+        ctx.save_for_backward(qkv, bias, mask, out, lse)
+        ctx.scale, ctx.token_major = scale, token_major
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        _refuse_second_order()
+        qkv, bias, mask, out, lse = ctx.saved_tensors
+        dqkv, dbias = _gradients(*_qkv_views(qkv), bias, mask, out, lse, ctx.scale, ctx.token_major,
+                                 ctx.needs_input_grad[1], grad_out)
+        return dqkv, dbias, None, None, None
 
 
 _SMALLEST_SCALE = torch.finfo(torch.float32).tiny
@@ -252,24 +312,48 @@ def window_attention(q, k, v, bias=None, mask=None, scale=None, layout="bhnd"):
     q, k, v: (windows, heads, N, head_dim), any strides (the permuted output of a qkv Linear is read in
     place). bias: (heads, N, N) or None. mask: (nW, N, N) or None, 0 / -100 as Swin builds it.
     scale: default head_dim ** -0.5. layout: "bhnd" returns (windows, heads, N, head_dim); "bnc" returns
-    (windows, N, heads * head_dim), ready for the output projection.
+    (windows, N, heads * head_dim), ready for the output projection. For q, k and v that are views of a qkv
+    Linear's output, `window_attention_qkv` saves a copy of their gradients in training.
     """
     validate(q, k, v, bias, mask)
+    return _attention((q, k, v), (q, k, v), bias, mask, scale, layout, _EagerAutograd,
+                      torch.ops.fwagen.window_attention_fwd)
+
+
+def window_attention_qkv(qkv, bias=None, mask=None, scale=None, layout="bhnd"):
+    """`window_attention` of q, k and v packed as a qkv Linear's output: qkv is (windows, N, 3, heads, head_dim),
+    any strides, q = qkv[:, :, 0] and so on (`linear(x).view(windows, N, 3, heads, head_dim)`). In training, the
+    gradient of qkv comes back as the backward kernels write it, one tensor of qkv's shape: q, k and v taken as
+    views of qkv and passed to `window_attention` make autograd stack their three gradients into a new tensor, a
+    copy that costs as much as the rest of the backward at Swin's window 12 (H100)."""
+    if not isinstance(qkv, torch.Tensor):
+        raise TypeError(f"qkv: expected a torch.Tensor, got {type(qkv).__name__}")
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"qkv: expected shape (windows, tokens, 3, heads, head_dim), got {tuple(qkv.shape)}")
+    q, k, v = _qkv_views(qkv)
+    validate(q, k, v, bias, mask)
+    return _attention((qkv,), (q, k, v), bias, mask, scale, layout, _EagerAutogradQKV,
+                      torch.ops.fwagen.window_attention_qkv_fwd)
+
+
+def _attention(inputs, qkv_views, bias, mask, scale, layout, eager_function, op):
+    """The public functions' body: `inputs` are (q, k, v) or (qkv,), as `eager_function` and `op` take them;
+    qkv_views the q, k and v they hold (validated)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+    q = qkv_views[0]
     scale = _checked_scale(q.shape[-1] ** -0.5 if scale is None else scale)
     if not torch.compiler.is_compiling():  # a traced graph cannot warn; the eager call before it has
         reason = _no_kernel_reason(q)
         if reason is not None:
-            _warn_once(reason, stacklevel=2)
+            _warn_once(reason, stacklevel=3)
     token_major = layout == "bnc"
     if torch.compiler.is_compiling():
-        return torch.ops.fwagen.window_attention_fwd(q, k, v, bias, mask, scale, token_major)[0]
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
+        return op(*inputs, bias, mask, scale, token_major)[0]
+    if torch.is_grad_enabled() and (any(t.requires_grad for t in inputs) or (bias is not None and bias.requires_grad)):
         if q.is_cuda and _backward_kernel(q, bias, mask) is None:
             # No backward kernel covers these inputs: plain autograd of the reference costs what eager
             # PyTorch costs, where the kernel forward plus a recomputing backward would cost more.
-            return _to_layout(window_attention_reference(q, k, v, bias, mask, scale), token_major)
-        return _EagerAutograd.apply(q, k, v, bias, mask, scale, token_major)
-    return _forward(q, k, v, bias, mask, scale, token_major)[0]
+            return _to_layout(window_attention_reference(*qkv_views, bias, mask, scale), token_major)
+        return eager_function.apply(*inputs, bias, mask, scale, token_major)
+    return _forward(*qkv_views, bias, mask, scale, token_major)[0]

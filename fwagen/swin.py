@@ -1,4 +1,4 @@
-"""Drop-in Swin V1 window attention for timm models, running `fwagen.window_attention`.
+"""Drop-in Swin V1 window attention for timm models, running `fwagen.window_attention_qkv`.
 
     import timm, fwagen.swin
     model = fwagen.swin.patch_timm(timm.create_model("swin_tiny_patch4_window7_224"))
@@ -18,7 +18,7 @@ import warnings
 import torch
 from torch import nn
 
-from .op import window_attention
+from .op import window_attention_qkv
 
 try:
     from timm.models import swin_transformer as _timm_swin
@@ -39,8 +39,9 @@ def _warn_once(reason: str) -> None:
 class WindowAttention(TimmWindowAttention):
     """timm's Swin V1 window attention whose core (scale, q k^T, bias, mask, softmax, @ v) is one fwagen call.
 
-    q, k and v are strided views of the qkv Linear's (B_, N, 3, H, d) output, and the result comes back as
-    (B_, N, H * d) for the projection: no permute or copy on either side. Attention dropout above zero while
+    The kernels read q, k and v from the qkv Linear's (B_, N, 3, H, d) output in place, write the result as
+    (B_, N, H * d) for the projection and the gradient of qkv as one (B_, N, 3, H, d) tensor: no permute or copy
+    on either side, forward or backward. Attention dropout above zero while
     training has no kernel and runs timm's forward instead, with a one-time warning.
     """
 
@@ -52,9 +53,8 @@ class WindowAttention(TimmWindowAttention):
             return super().forward(x, mask)
         windows, n, _ = x.shape
         qkv = self.qkv(x)  # a Linear's output is contiguous: view, never copy
-        q, k, v = qkv.view(windows, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         bias = self._get_rel_pos_bias()[0]  # (H, N, N), in the table's dtype (float32 under autocast)
-        x = window_attention(q, k, v, bias, mask, self.scale, layout="bnc")
+        x = window_attention_qkv(qkv.view(windows, n, 3, self.num_heads, -1), bias, mask, self.scale, layout="bnc")
         x = self.proj(x)
         return self.proj_drop(x)
 

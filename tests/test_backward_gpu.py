@@ -251,6 +251,39 @@ def test_minus_inf_mask_gradients_match_float64_autograd(n, dtype):
              mask=minus_inf_mask(3, n))
 
 
+@pytest.mark.parametrize("n, dtype, mask_windows", [(49, "float16", 4), (144, "bfloat16", 4), (256, "float16", 0)])
+def test_qkv_entry_gradients_match_float64_autograd_with_no_stack_of_q_k_v(n, dtype, mask_windows):
+    # window_attention_qkv: the gradient of qkv is the backward's buffer itself, where q, k and v views of qkv would
+    # have autograd stack three gradients (UnbindBackward): no such node may sit between the output and the leaf.
+    dtype = DTYPES[dtype]
+    windows, heads, d = 8, 3, 32
+    _, _, _, b, m = make_inputs(windows, heads, n, d, dtype, mask_windows=mask_windows)
+    qkv = torch.randn(windows, n, 3, heads, d, device="cuda").to(dtype)
+    grad_out = torch.randn(windows, n, heads * d, device="cuda").to(dtype)
+
+    def grads(qkv, b, m, fn):
+        leaf, bias = qkv.detach().requires_grad_(), b.detach().requires_grad_()
+        out = fn(leaf, bias, m)
+        out.backward(grad_out.to(out.dtype))
+        return out, list(leaf.grad.unbind(2)) + [bias.grad]
+
+    def reference(qkv, b, m):
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        return window_attention_reference(q, k, v, b, m).transpose(1, 2).reshape(windows, n, heads * d)
+
+    out, got = grads(qkv, b, m, lambda qkv, b, m: fwagen.window_attention_qkv(qkv, b, m, layout="bnc"))
+    seen, pending = set(), [out.grad_fn]
+    while pending:
+        node = pending.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            pending += [next_node for next_node, _ in node.next_functions]
+    assert not [node.name() for node in seen if "Unbind" in node.name() or "Stack" in node.name()]
+    _, eager = grads(qkv, b, m, reference)
+    _, expected = grads(qkv.double(), b.double(), None if m is None else m.double(), reference)
+    assert_within_twice_eager(got, eager, expected, dtype)
+
+
 def test_mask_requiring_grad_is_refused():
     q, k, v, b, m = make_inputs(4, 2, 16, 32, torch.float16, mask_windows=2)
     with pytest.raises(ValueError, match="mask"):

@@ -408,3 +408,76 @@ def test_torch_compile_traces_one_graph_with_the_custom_op(quiet):
     assert counter.frame_count == 1
     targets = [node.target for graph in counter.graphs for node in graph.graph.nodes]
     assert any("window_attention_fwd" in str(target) for target in targets), targets
+
+
+# --- window_attention_qkv: q, k and v packed as a qkv Linear's output ------------------------------------------
+
+QKV_OP = torch.ops.fwagen.window_attention_qkv_fwd.default
+
+
+def make_qkv(windows=4, heads=2, n=9, d=8, dtype=torch.float64, *, mask_windows=2):
+    """A fresh (windows, N, 3, heads, d) qkv leaf, bias leaf and 0/-100 mask."""
+    _, _, _, b, m = make_inputs(windows, heads, n, d, dtype, mask_windows=mask_windows, requires_grad=True)
+    qkv = torch.randn(windows, n, 3, heads, d, generator=fresh_generator(), dtype=dtype, requires_grad=True)
+    return qkv, b, m
+
+
+@pytest.mark.parametrize("layout", ["bhnd", "bnc"])
+def test_qkv_entry_gives_the_values_and_gradients_of_q_k_v_views(layout, quiet):
+    qkv, b, m = make_qkv()
+    out = fwagen.window_attention_qkv(qkv, b, m, scale=0.3, layout=layout)
+    grad_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, (qkv, b), grad_out)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    expected_out = fwagen.window_attention(q, k, v, b, m, scale=0.3, layout=layout)
+    expected = torch.autograd.grad(expected_out, (qkv, b), grad_out)
+    torch.testing.assert_close(out, expected_out, rtol=0, atol=1e-12)
+    for name, a, e in zip(("qkv", "bias"), got, expected):
+        assert a.shape == e.shape, name
+        torch.testing.assert_close(a, e, rtol=0, atol=1e-12, msg=name)
+
+
+def test_gradcheck_qkv_and_bias(quiet):
+    qkv, b, m = make_qkv(4, 2, 5, 8)
+    assert torch.autograd.gradcheck(lambda qkv, b: fwagen.window_attention_qkv(qkv, b, m, layout="bnc"), (qkv, b),
+                                    fast_mode=True)
+
+
+@pytest.mark.parametrize("dtype, token_major", [(torch.float64, True), (torch.float32, False)], ids=str)
+def test_opcheck_qkv(dtype, token_major, quiet):
+    qkv, b, m = make_qkv(dtype=dtype)
+    torch.library.opcheck(QKV_OP, (qkv, b, m, 0.35, token_major))
+
+
+@pytest.mark.parametrize("shape", [(4, 9, 2, 8), (4, 9, 2, 2, 8), (4, 9, 3, 2, 8, 1)], ids=str)
+def test_qkv_of_wrong_shape_names_qkv(shape):
+    with pytest.raises(ValueError, match=r"qkv: expected shape \(windows, tokens, 3, heads, head_dim\)"):
+        fwagen.window_attention_qkv(torch.randn(shape))
+
+
+def test_qkv_that_is_not_a_tensor_names_qkv():
+    with pytest.raises(TypeError, match="qkv: expected a torch.Tensor"):
+        fwagen.window_attention_qkv([[1.0]])
+
+
+def test_qkv_fallback_warning_points_at_the_caller():
+    qkv, b, _ = make_qkv()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fwagen.window_attention_qkv(qkv.detach(), b.detach())
+    ours = [w for w in caught if "fwagen" in str(w.message)]
+    assert len(ours) == 1 and ours[0].filename == __file__, [(w.filename, w.lineno) for w in ours]
+
+
+def test_torch_compile_fullgraph_backward_of_qkv_matches_eager(quiet):
+    qkv, b, m = make_qkv()
+
+    def fn(qkv, b):
+        return fwagen.window_attention_qkv(qkv, b, m, scale=0.3, layout="bnc").square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(qkv, b), (qkv, b))
+    expected = torch.autograd.grad(fn(qkv, b), (qkv, b))
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a, e, rtol=0, atol=1e-12)

@@ -43,28 +43,25 @@ def fresh_warning_state():
 
 
 class OpSpy:
-    """Wraps fwagen.swin's call of the op: records each call and checks that q, k, v arrive as strided views
-    of one qkv buffer (no copy) and that the output is asked for in (B_, N, C) layout."""
+    """Wraps fwagen.swin's call of the op: records each call and checks that qkv arrives as a view of the qkv
+    Linear's output (no copy), (B_, N, 3, H, d), and that the output is asked for in (B_, N, C) layout."""
 
     def __init__(self):
         self.calls = []
 
-    def __call__(self, q, k, v, bias, mask, scale, layout):
-        windows, heads, n, d = q.shape
-        assert layout == "bnc"
-        assert q.stride() == (n * 3 * heads * d, d, 3 * heads * d, 1)  # (B_, N, 3, H, d) seen as (B_, H, N, d)
-        assert k.stride() == q.stride() and v.stride() == q.stride()
-        step = heads * d * q.element_size()
-        assert k.data_ptr() - q.data_ptr() == step and v.data_ptr() - k.data_ptr() == step
+    def __call__(self, qkv, bias, mask, scale, layout):
+        windows, n, three, heads, d = qkv.shape
+        assert three == 3 and layout == "bnc"
+        assert qkv.is_contiguous() and qkv._base is not None  # a view of the Linear's (B_, N, 3 * H * d) output
         assert bias.shape == (heads, n, n)
-        self.calls.append(dict(q_dtype=q.dtype, bias_dtype=bias.dtype, mask=None if mask is None else mask.shape))
-        return fwagen.op.window_attention(q, k, v, bias, mask, scale, layout)
+        self.calls.append(dict(q_dtype=qkv.dtype, bias_dtype=bias.dtype, mask=None if mask is None else mask.shape))
+        return fwagen.op.window_attention_qkv(qkv, bias, mask, scale, layout)
 
 
 @pytest.fixture
 def spy(monkeypatch):
     recorder = OpSpy()
-    monkeypatch.setattr(fwagen.swin, "window_attention", recorder)
+    monkeypatch.setattr(fwagen.swin, "window_attention_qkv", recorder)
     return recorder
 
 
