@@ -313,7 +313,7 @@ __device__ __forceinline__ void fill_logit_add_staged(float* add, float* staging
 // read and write nearby memory, as blocks walking every splits-th window do (shares walked in order made the
 // backward 6-12% slower at windows of 49 and 64 tokens, H100).
 struct MaskWindowShare {
-  int start, end, steps, images, mask_windows;  // positions [first, end) of the order, walked from start
+  int start, end, steps, images, mask_windows;  // positions [end - steps, end) of the order, walked from start
   __device__ MaskWindowShare(int split, int splits, int windows, int mask_windows_)
       : mask_windows(mask_windows_) {
     const int first = (int)((long long)windows * split / splits);
@@ -328,7 +328,7 @@ struct MaskWindowShare {
     return at < end ? at : at - steps;
   }
   __device__ int mask_window(int step) const { return position(step) / images; }
-  __device__ int window(int step) const {  // a window index fits an int: the launcher checks
+  __device__ int window(int step) const {  // an int, as the kernel's `windows` is
     const int at = position(step);
     return at % images * mask_windows + at / images;
   }
