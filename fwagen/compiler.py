@@ -20,10 +20,7 @@ from pathlib import Path
 
 from . import __version__
 from .render import helper_headers, render
-from .variant import Variant
-
-MAX_SMEM_PER_BLOCK = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_89": 99 * 1024, "sm_90": 227 * 1024}
-DEFAULT_MAX_SMEM = 99 * 1024
+from .variant import DEFAULT_MAX_SMEM, MAX_SMEM_PER_BLOCK, Variant  # noqa: F401 (space.py imports them from here)
 
 
 class CompileError(RuntimeError):

@@ -21,7 +21,7 @@ _DERIVED = {
             "threads", "smem_row_elems", "stream_add", "add_pitch", "wgmma", "kv_row_elems", "mma_type",
             "logit_add_bytes", "tensor_maps"),
     "simt": ("chunks_per_item", "cols_per_thread", "threads"),
-    "bwd_mma": ("n_pad", "head_dim_pad", "threads", "smem_row_elems"),
+    "bwd_mma": ("n_pad", "head_dim_pad", "threads", "smem_row_elems", "dbias_smem_groups"),
     "bwd_simt": ("chunks_per_item", "cols_per_thread", "threads"),
     "bwd_tile": ("chunks_per_item", "head_dim_pad", "threads", "smem_row_elems", "smem_bytes"),
     "bwd_delta": ("threads",),

@@ -21,6 +21,9 @@ LSE_TYPE = {"float16": "float32", "bfloat16": "float32", "float32": "float64"}
 MMA_TYPE = {"float16": "f16", "bfloat16": "bf16"}
 # Rows of shared-memory tiles are padded by 16 bytes so that ldmatrix rows fall in distinct banks.
 SMEM_ROW_PAD_BYTES = 16
+# Shared memory a block may opt into, by architecture.
+MAX_SMEM_PER_BLOCK = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_89": 99 * 1024, "sm_90": 227 * 1024}
+DEFAULT_MAX_SMEM = 99 * 1024
 
 
 @dataclass(frozen=True)
@@ -307,6 +310,7 @@ class SimtVariant:
 
 
 LARGE_BACKWARD_FROM = 96  # padded window size past which the whole-window backward uses its large-window layout
+DBIAS_SMEM_GROUPS = 3  # groups of a lane's dbias sums that the masked large-window backward keeps in shared memory
 
 
 @dataclass(frozen=True)
@@ -357,8 +361,31 @@ class BackwardVariant:
         staged = 2 * self.n_pad * (self.n_pad + 8) * elem  # P and dS
         logit_add = self.n_pad * self.n_pad * 4
         if self.large_window:
-            return 4 * tile + staged + logit_add  # q, k, v, dO
+            return self._large_window_smem_bytes(self.dbias_smem_groups)
         return self.stages * 5 * tile + staged + logit_add + self.n_pad * self.n_pad * 4  # + the dbias sums
+
+    def _large_window_smem_bytes(self, dbias_groups: int) -> int:
+        elem = ELEMENT_BYTES[self.problem.dtype]
+        tiles = 4 * self.n_pad * self.smem_row_elems * elem  # q, k, v, dO
+        staged = 2 * self.n_pad * (self.n_pad + 8) * elem  # P and dS
+        return tiles + staged + self.n_pad * self.n_pad * 4 + dbias_groups * 4 * self.threads * 4  # term, dbias sums
+
+    @property
+    def dbias_smem_groups(self) -> int:
+        """Large-window layout with a bias and a mask: how many of a lane's NP / 8 groups of four dbias sums live in
+        shared memory rather than registers (bwd_mma_large.cu.j2). At 168 registers a thread (9 warps) ptxas keeps
+        some of the 72 sums in local memory at window 12, loading and storing them at every window; 3 groups in
+        shared memory made the masked training step 3-4 us faster on an H100 and the unmasked one 15-17 us slower
+        (bench/results/nvidia-h100-80gb-hbm3-backward-mask-overhead.md). So only the masked kernel of 9 warps (129-144
+        tokens; with 8 or fewer the register file leaves a thread 255) takes them, and only where they keep it within
+        the smallest shared-memory limit it fitted before (227 KB a block at head_dim 32 on an H100): no GPU loses the
+        whole-window kernel to them."""
+        if not (self.large_window and self.problem.has_bias and self.problem.has_mask and self.threads > 256):
+            return 0
+        without = self._large_window_smem_bytes(0)
+        limits = [limit for limit in sorted({DEFAULT_MAX_SMEM, *MAX_SMEM_PER_BLOCK.values()}) if limit >= without]
+        fits = limits and self._large_window_smem_bytes(DBIAS_SMEM_GROUPS) <= limits[0]
+        return DBIAS_SMEM_GROUPS if fits else 0
 
     @property
     def shares_mask_windows(self) -> bool:

@@ -28,9 +28,9 @@ from fwagen.problem import Problem
 from fwagen.render import render
 from fwagen.space import (backward_candidates, candidates, default_backward, default_variant, max_smem,
                           resource_violation, static_violation)
-from fwagen.variant import (BackwardSimtVariant, BackwardTileVariant, ForwardStreamVariant, ForwardVariant,
-                            ForwardWgmmaStreamTmaVariant, ForwardWgmmaStreamVariant, ForwardWgmmaTmaVariant,
-                            ForwardWgmmaVariant, SimtVariant, variant_from_dict)
+from fwagen.variant import (BackwardSimtVariant, BackwardTileVariant, BackwardVariant, ForwardStreamVariant,
+                            ForwardVariant, ForwardWgmmaStreamTmaVariant, ForwardWgmmaStreamVariant,
+                            ForwardWgmmaTmaVariant, ForwardWgmmaVariant, SimtVariant, variant_from_dict)
 
 ARCHS = ("sm_80", "sm_90")
 
@@ -283,6 +283,36 @@ def test_backward_kinds_by_window_and_dtype_and_why_the_whole_window_kernel_stop
     assert all("shared memory" in reason for key, reason in pruned.items() if "_bwd_mma_" in key)
     legal, _ = backward_candidates(Problem(576, 32, "float32", True, True, "bwd"), "sm_90")
     assert {v.kind for v in legal} == {"bwd_simt"}  # float32 stays float32: no TF32 tensor cores
+
+
+def test_masked_large_window_backward_takes_dbias_sums_into_shared_memory_only_where_no_gpu_loses_the_kernel():
+    """Its dbias groups in shared memory never push the whole-window kernel past a limit it fitted before."""
+    taken = []
+    for n, d, dtype in itertools.product([*range(97, 144, 4), 144], range(8, 129, 8), ("float16", "bfloat16")):
+        masked = BackwardVariant(Problem(n, d, dtype, True, True, "bwd"))
+        unmasked = BackwardVariant(Problem(n, d, dtype, True, False, "bwd"))
+        assert masked.large_window and unmasked.dbias_smem_groups == 0
+        assert masked.smem_bytes - unmasked.smem_bytes == masked.dbias_smem_groups * 4 * masked.threads * 4
+        for arch in ARCHS:
+            fitted_before = unmasked.smem_bytes <= max_smem(arch)
+            assert (masked.smem_bytes <= max_smem(arch)) == fitted_before, (n, d, dtype, arch)
+        if masked.dbias_smem_groups:
+            taken.append((n, d, dtype))
+    # Where measured (Swin's window 12), and nowhere below 9 warps (129 tokens), where no register cap binds.
+    assert (144, 32, "float16") in taken and (144, 32, "bfloat16") in taken and min(n for n, _, _ in taken) > 128
+    assert all(d <= 32 for _, d, _ in taken), taken  # past 32 the groups would cost H100s the kernel
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_masked_window12_backward_spills_less_with_dbias_sums_in_shared_memory(compile_jobs, dtype):
+    """Why the masked kernel keeps 3 groups of its dbias sums in shared memory: ptxas then spills less of its main
+    loop at the 168 registers of 9 warps (a compiled cubin's report, sm_90)."""
+    masked = BackwardVariant(Problem(144, 32, dtype, True, True, "bwd"))
+    unmasked = BackwardVariant(Problem(144, 32, dtype, True, False, "bwd"))
+    assert masked.dbias_smem_groups == 3 and static_violation(masked, "sm_90") is None
+    with_groups, without = (compiled(compile_jobs, v, "sm_90").resources for v in (masked, unmasked))
+    assert with_groups.registers == without.registers == 168
+    assert with_groups.spill_bytes < without.spill_bytes, (with_groups, without)
 
 
 # Tensor-core backward defaults that ptxas compiles with spills (bytes, sm_90); the tiled and CUDA-core defaults never
