@@ -20,7 +20,7 @@ from pathlib import Path
 
 from . import __version__
 from .render import helper_headers, render
-from .variant import DEFAULT_MAX_SMEM, MAX_SMEM_PER_BLOCK, Variant  # noqa: F401 (space.py imports them from here)
+from .variant import Variant
 
 
 class CompileError(RuntimeError):

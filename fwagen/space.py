@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import itertools
 
-from .compiler import DEFAULT_MAX_SMEM, MAX_SMEM_PER_BLOCK, Resources, compile_variant
+from .compiler import Resources, compile_variant
 from .problem import Problem, pad_to
-from .variant import (BackwardSimtVariant, BackwardTileVariant, BackwardVariant, ForwardStreamVariant, ForwardVariant,
-                      ForwardWgmmaStreamTmaVariant, ForwardWgmmaStreamVariant, ForwardWgmmaTmaVariant,
-                      ForwardWgmmaVariant, SimtVariant, Variant)
+from .variant import (DEFAULT_MAX_SMEM, MAX_SMEM_PER_BLOCK, BackwardSimtVariant, BackwardTileVariant, BackwardVariant,
+                      ForwardStreamVariant, ForwardVariant, ForwardWgmmaStreamTmaVariant, ForwardWgmmaStreamVariant,
+                      ForwardWgmmaTmaVariant, ForwardWgmmaVariant, SimtVariant, Variant)
 
 MAX_THREADS = 512
 # The whole-window backward holds one warp per 16 query rows. Past 96 tokens a lane keeps n_pad / 2 dbias sums, the dQ

@@ -356,30 +356,31 @@ class BackwardVariant:
 
     @property
     def smem_bytes(self) -> int:
-        elem = ELEMENT_BYTES[self.problem.dtype]
-        tile = self.n_pad * self.smem_row_elems * elem
-        staged = 2 * self.n_pad * (self.n_pad + 8) * elem  # P and dS
-        logit_add = self.n_pad * self.n_pad * 4
         if self.large_window:
             return self._large_window_smem_bytes(self.dbias_smem_groups)
+        tile, staged, logit_add = self._smem_parts()
         return self.stages * 5 * tile + staged + logit_add + self.n_pad * self.n_pad * 4  # + the dbias sums
 
-    def _large_window_smem_bytes(self, dbias_groups: int) -> int:
+    def _smem_parts(self) -> tuple[int, int, int]:
+        """Bytes of one q/k/v/dO/O tile, of the staged P and dS tiles, and of the float32 (bias + mask) term."""
         elem = ELEMENT_BYTES[self.problem.dtype]
-        tiles = 4 * self.n_pad * self.smem_row_elems * elem  # q, k, v, dO
-        staged = 2 * self.n_pad * (self.n_pad + 8) * elem  # P and dS
-        return tiles + staged + self.n_pad * self.n_pad * 4 + dbias_groups * 4 * self.threads * 4  # term, dbias sums
+        return (self.n_pad * self.smem_row_elems * elem, 2 * self.n_pad * (self.n_pad + 8) * elem,
+                self.n_pad * self.n_pad * 4)
+
+    def _large_window_smem_bytes(self, dbias_groups: int) -> int:
+        tile, staged, logit_add = self._smem_parts()
+        return 4 * tile + staged + logit_add + dbias_groups * 4 * self.threads * 4  # q, k, v, dO; some dbias sums
 
     @property
     def dbias_smem_groups(self) -> int:
         """Large-window layout with a bias and a mask: how many of a lane's NP / 8 groups of four dbias sums live in
         shared memory rather than registers (bwd_mma_large.cu.j2). At 168 registers a thread (9 warps) ptxas keeps
         some of the 72 sums in local memory at window 12, loading and storing them at every window; 3 groups in
-        shared memory made the masked training step 3-4 us faster on an H100 and the unmasked one 15-17 us slower
-        (bench/results/nvidia-h100-80gb-hbm3-backward-mask-overhead.md). So only the masked kernel of 9 warps (129-144
-        tokens; with 8 or fewer the register file leaves a thread 255) takes them, and only where they keep it within
-        the smallest shared-memory limit it fitted before (227 KB a block at head_dim 32 on an H100): no GPU loses the
-        whole-window kernel to them."""
+        shared memory made the masked training step 3-5 us faster on an H100 and the unmasked one 15-17 us slower
+        (bench/results/nvidia-h100-80gb-hbm3-backward-mask-overhead.md and ...-backward-mask-dbias-smem.md). So only
+        the masked kernel of 9 warps (129-144 tokens; with 8 or fewer the register file leaves a thread 255) takes
+        them, and only where they keep it within the smallest shared-memory limit it fitted before (227 KB a block at
+        head_dim 32 on an H100): no GPU loses the whole-window kernel to them."""
         if not (self.large_window and self.problem.has_bias and self.problem.has_mask and self.threads > 256):
             return 0
         without = self._large_window_smem_bytes(0)
