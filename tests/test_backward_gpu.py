@@ -188,9 +188,9 @@ def test_tiled_variants_match_float64_autograd(case):
 
 # The whole-window kernel's large-window layout (bwd_mma_large.cu.j2: 97 to 144 tokens), which only tuning picks, as
 # (problem, windows, heads, mask windows): blocks that walk several windows (dbias summed in registers across them),
-# padded keys and rows (100, 120 tokens; 121, odd, writes its dbias partial a float at a time), head dims 16, 32 and
-# 64, with and without bias and mask; 7, 8 and 9 warps (dK and dV by warps of 32 keys, and with an odd count a last
-# warp of 16 keys of both).
+# padded keys and rows (100, 120 tokens; 121, odd, writes its dbias partial a float at a time), head dims 8, 16, 24,
+# 32 and 64, with and without bias and mask; 7, 8 and 9 warps (dK and dV by warps of 32 keys, and with an odd count a
+# last warp of 16 keys of both).
 LARGE_WINDOW_CASES = [
     (Problem(144, 32, "bfloat16", True, True, "bwd"), 256, 2, 4),
     (Problem(144, 32, "float16", True, False, "bwd"), 400, 2, 0),
@@ -199,6 +199,8 @@ LARGE_WINDOW_CASES = [
     (Problem(112, 64, "bfloat16", True, False, "bwd"), 300, 1, 0),
     (Problem(144, 16, "float16", False, False, "bwd"), 7, 3, 0),
     (Problem(121, 32, "bfloat16", True, True, "bwd"), 40, 2, 4),
+    (Problem(137, 24, "float16", True, True, "bwd"), 30, 2, 3),
+    (Problem(129, 8, "bfloat16", True, False, "bwd"), 20, 3, 0),
 ]
 
 
