@@ -13,7 +13,7 @@ from functools import lru_cache
 import torch
 
 from .compiler import load_kernel
-from .variant import LSE_TYPE, Variant
+from .variant import LSE_TYPE, DbiasSumVariant, Variant
 
 KERNEL_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
@@ -87,6 +87,7 @@ _TENSOR = "Pqqi"  # pointer, window and head strides (64-bit), token stride (32-
 _FORWARD_ARGS = struct.Struct("@" + "PPPqqiqqiqqi" + _TENSOR + "PPP" + "iiifi")
 _BACKWARD_ARGS = struct.Struct("@" + "PPPqqiqqiqqi" + "PPqqi" + "PPPP" + "PPPqqi" + "P" + "iiifi")
 _ROW_DELTA_ARGS = struct.Struct("@" + "PPqqi" + "P" + "ii")
+_DBIAS_SUM_ARGS = struct.Struct("@" + "PP" + "iii")
 _LAUNCH_END, _LAUNCH_BUFFER, _LAUNCH_SIZE = 0, 1, 2  # CU_LAUNCH_PARAM_END, _BUFFER_POINTER, _BUFFER_SIZE
 
 
@@ -230,7 +231,7 @@ def launch_backward(variant: Variant, q, k, v, out, dout, lse, bias, mask, scale
     loaded, blocks, splits = _plan(variant, device.index, windows, heads, mask_windows)
     grads = torch.empty(windows, n, 3, heads, d, dtype=q.dtype, device=device)
     dq, dk, dv = (grads[:, :, i].transpose(1, 2) for i in range(3))
-    partial_shape, summed_dims = variant.dbias_partials(heads, mask_windows, splits)
+    partial_shape = variant.dbias_partials(heads, mask_windows, splits)
     allocate = torch.empty if blocks else torch.zeros  # no windows: nothing runs, and dbias is zero
     partial = allocate(partial_shape, dtype=torch.float32, device=device)
     delta = None
@@ -251,5 +252,17 @@ def launch_backward(variant: Variant, q, k, v, out, dout, lse, bias, mask, scale
         _launch(loaded, variant, blocks, packed, device)
     dbias = None
     if bias is not None:
-        dbias = partial.sum(dim=summed_dims)
+        dbias = torch.empty(heads, n, n, dtype=torch.float32, device=device)
+        sum_dbias_partials(variant, partial, dbias)
     return grads, dbias
+
+
+def sum_dbias_partials(variant: Variant, partial: torch.Tensor, dbias: torch.Tensor) -> None:
+    """dbias (heads, N, N, float32) = the (outer, heads, inner, N, N) float32 partial sums of `variant`'s backward,
+    summed over outer, then inner, in that order (dbias_sum.cu.j2)."""
+    outer, heads, inner, n, _ = partial.shape
+    summing = DbiasSumVariant(variant.problem)
+    loaded, blocks, _ = _plan(summing, partial.device.index, 0, heads, 0)
+    if blocks:
+        _launch(loaded, summing, blocks,
+                _DBIAS_SUM_ARGS.pack(partial.data_ptr(), dbias.data_ptr(), outer, heads, inner), partial.device)

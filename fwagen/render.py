@@ -14,7 +14,8 @@ from .variant import CUDA_TYPE, LSE_TYPE, Variant
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 TEMPLATE_FOR_KIND = {"mma": "fwd_mma.cu.j2", "simt": "fwd_simt.cu.j2", "bwd_mma": "bwd_mma.cu.j2",
-                     "bwd_simt": "bwd_simt.cu.j2", "bwd_tile": "bwd_tile.cu.j2", "bwd_delta": "bwd_delta.cu.j2"}
+                     "bwd_simt": "bwd_simt.cu.j2", "bwd_tile": "bwd_tile.cu.j2", "bwd_delta": "bwd_delta.cu.j2",
+                     "dbias_sum": "dbias_sum.cu.j2"}
 
 _DERIVED = {
     "mma": ("head_dim_pad", "chunks_per_item", "m_tiles_per_warp", "warps_per_item", "key_tiles",
@@ -25,6 +26,7 @@ _DERIVED = {
     "bwd_simt": ("chunks_per_item", "cols_per_thread", "threads"),
     "bwd_tile": ("chunks_per_item", "head_dim_pad", "threads", "smem_row_elems", "smem_bytes"),
     "bwd_delta": ("threads",),
+    "dbias_sum": ("threads",),
 }
 _DERIVED["mma_stream"] = _DERIVED["wgmma"] = _DERIVED["wgmma_stream"] = _DERIVED["mma"]
 _DERIVED["wgmma_tma"] = _DERIVED["wgmma_stream_tma"] = _DERIVED["mma"]

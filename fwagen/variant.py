@@ -408,12 +408,13 @@ class BackwardVariant:
         splits = max(1, min(windows // pair_windows, resident_blocks // pairs))
         return pairs * splits, splits
 
-    def dbias_partials(self, heads: int, mask_windows: int, splits: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """(shape of the float32 partial sums, one per block, and the dims summed to give dbias)."""
+    def dbias_partials(self, heads: int, mask_windows: int, splits: int) -> tuple[int, ...]:
+        """Shape of the float32 partial sums, one per block, as (outer, heads, inner, N, N) (DbiasSumVariant sums
+        outer and inner): block i writes partial i."""
         n = self.problem.n
-        if self.shares_mask_windows:
-            return (heads, splits, n, n), (1,)
-        return (max(mask_windows, 1), heads, splits, n, n), (0, 2)
+        if self.shares_mask_windows:  # block h * splits + split
+            return 1, heads, splits, n, n
+        return max(mask_windows, 1), heads, splits, n, n  # block (mask window * heads + head) * splits + split
 
 
 # dbias partial sums of the split backward kernels stay under this many bytes: they are the one buffer of those
@@ -460,10 +461,11 @@ class _SplitBackward:
     def chunks_per_item(self) -> int:
         return -(-self.problem.n // self.own_rows)
 
-    def dbias_partials(self, heads: int, mask_windows: int, splits: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """(shape of the float32 partial sums, one per split, and the dims summed to give dbias)."""
+    def dbias_partials(self, heads: int, mask_windows: int, splits: int) -> tuple[int, ...]:
+        """Shape of the float32 partial sums, one per split, as (outer, heads, inner, N, N) (DbiasSumVariant sums
+        outer and inner); (0,) without a bias."""
         n = self.problem.n
-        return ((splits, heads, n, n) if self.problem.has_bias else (0,)), (0,)
+        return (splits, heads, 1, n, n) if self.problem.has_bias else (0,)
 
 
 @dataclass(frozen=True)
@@ -603,6 +605,29 @@ class RowDeltaVariant:
 
     def grid(self, windows: int, heads: int, mask_windows: int, resident_blocks: int) -> tuple[int, int]:
         return -(-windows * heads * self.problem.n // self.threads), 1
+
+
+@dataclass(frozen=True)
+class DbiasSumVariant:
+    """dbias from a backward's float32 partial sums (`dbias_partials`), summed in a fixed order (dbias_sum.cu.j2). Not
+    tuned: it reads the partials once. The grid covers heads x N x N, four floats a thread where N * N allows."""
+
+    problem: Problem
+    threads: int = 128
+
+    kind = "dbias_sum"
+    smem_bytes = 0
+
+    def knobs(self) -> dict:
+        return {}
+
+    def key(self) -> str:
+        return f"fwagen_{self.kind}_n{self.problem.n}"
+
+    def grid(self, windows: int, heads: int, mask_windows: int, resident_blocks: int) -> tuple[int, int]:
+        n = self.problem.n
+        per_thread = 4 if n * n % 4 == 0 else 1
+        return -(-heads * n * n // (per_thread * self.threads)), 1
 
 
 Variant = ForwardVariant | SimtVariant | BackwardVariant | BackwardSimtVariant | BackwardTileVariant  # and subclasses

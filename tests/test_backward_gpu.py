@@ -9,7 +9,7 @@ import torch
 import fwagen
 from fwagen.problem import Problem
 from fwagen.reference import window_attention_reference
-from fwagen.launch import launch_backward
+from fwagen.launch import launch_backward, sum_dbias_partials
 from fwagen.space import backward_candidates, default_backward, static_violation
 from fwagen.variant import BackwardVariant
 
@@ -284,6 +284,25 @@ def test_qkv_entry_gradients_match_float64_autograd_with_no_stack_of_q_k_v(n, dt
     _, eager = grads(qkv, b, m, reference)
     _, expected = grads(qkv.double(), b.double(), None if m is None else m.double(), reference)
     assert_within_twice_eager(got, eager, expected, dtype)
+
+
+@pytest.mark.parametrize("n", [7, 12])
+def test_dbias_partials_are_summed_outer_then_inner_in_float32_bit_for_bit(n):
+    # N * N odd (7): a float a thread; even (12): a float4. Partials of mixed magnitudes, so that another order of the
+    # float32 adds would round differently; the output poisoned first.
+    outer, heads, inner = 3, 2, 5
+    magnitudes = 10.0 ** torch.randint(-3, 4, (outer, heads, inner, 1, 1), device="cuda")
+    partial = torch.randn(outer, heads, inner, n, n, device="cuda") * magnitudes
+    dbias = torch.full((heads, n, n), float("nan"), device="cuda")
+    sum_dbias_partials(BackwardVariant(Problem(n, 32, "float16", True, True, "bwd")), partial, dbias)
+    expected = partial[0, :, 0].clone()
+    for o in range(outer):
+        for i in range(inner):
+            if (o, i) != (0, 0):
+                expected = expected + partial[o, :, i]
+    assert torch.equal(dbias, expected)
+    in_another_order = partial.double().sum((0, 2)).float()
+    assert not torch.equal(dbias, in_another_order)  # the order is what makes the bits
 
 
 def test_mask_requiring_grad_is_refused():

@@ -40,8 +40,7 @@ def test_tiled_grid_gives_every_split_a_window_and_bounds_the_partial_sums(n):
         assert splits == 1 or splits * heads * n * n * 4 <= TILE_DBIAS_PARTIAL_BYTES <= DBIAS_PARTIAL_BUDGET_BYTES
         groups = -(-images // variant.windows_per_block)
         assert blocks == owners * splits + owners * max(mask_windows, 1) * groups
-        shape, dims = variant.dbias_partials(heads, mask_windows, splits)
-        assert shape == (splits, heads, n, n) and dims == (0,)
+        assert variant.dbias_partials(heads, mask_windows, splits) == (splits, heads, 1, n, n)
 
 
 def test_tiled_grid_without_bias_has_no_partials_and_no_partial_budget():
@@ -49,7 +48,7 @@ def test_tiled_grid_without_bias_has_no_partials_and_no_partial_budget():
         blocks, splits = variant.grid(windows, heads, mask_windows, 264)
         images = windows // max(mask_windows, 1)
         assert 1 <= splits <= images
-        assert variant.dbias_partials(heads, mask_windows, splits)[0] == (0,)
+        assert variant.dbias_partials(heads, mask_windows, splits) == (0,)
         owners = heads * variant.chunks_per_item  # no partial sums: the split rule is not held to their budget
         assert splits == choose_tile_splits(owners, images, max(mask_windows, 1), variant.windows_per_block, 264,
                                             images)
@@ -77,8 +76,7 @@ def test_whole_window_grid_is_at_most_one_wave_of_head_and_mask_window_pairs():
         pairs = heads * max(mask_windows, 1)
         assert blocks == pairs * splits and 1 <= splits <= max(windows // max(mask_windows, 1), 1)
         assert blocks <= max(resident, pairs)
-        assert variant.dbias_partials(heads, mask_windows, splits) == ((max(mask_windows, 1), heads, splits, n, n),
-                                                                       (0, 2))
+        assert variant.dbias_partials(heads, mask_windows, splits) == (max(mask_windows, 1), heads, splits, n, n)
 
 
 def mask_window_share(split, splits, windows, mask_windows):
@@ -102,7 +100,7 @@ def test_large_window_grid_with_a_mask_shares_each_heads_windows_evenly_and_in_s
             [c for c in CALLS if c[2] > 0] + [(2048, 4, 64), (396, 1, 198), (40, 3, 8)], RESIDENT):
         blocks, splits = variant.grid(windows, heads, mask_windows, resident)
         assert blocks == heads * splits and splits == choose_splits(heads, windows, resident)
-        assert variant.dbias_partials(heads, mask_windows, splits) == ((heads, splits, 144, 144), (1,))
+        assert variant.dbias_partials(heads, mask_windows, splits) == (1, heads, splits, 144, 144)
         images = windows // mask_windows
         walked = []
         for split in range(splits):

@@ -8,12 +8,13 @@ import struct
 import pytest
 import torch
 
-from fwagen.launch import (_BACKWARD_ARGS, _FORWARD_ARGS, _ROW_DELTA_ARGS, _append_tensor_maps, _parameter_offsets,
-                           empty_lse)
+from fwagen.compiler import compile_variant
+from fwagen.launch import (_BACKWARD_ARGS, _DBIAS_SUM_ARGS, _FORWARD_ARGS, _ROW_DELTA_ARGS, _append_tensor_maps,
+                           _parameter_offsets, empty_lse)
 from fwagen.problem import Problem
 from fwagen.render import render
 from fwagen.space import default_backward, default_variant, wgmma_variants
-from fwagen.variant import BackwardVariant
+from fwagen.variant import BackwardVariant, DbiasSumVariant
 
 C_TO_STRUCT = {"long long": "q", "int": "i", "float": "f", "const __grid_constant__ fwagen::TensorMap": "M"}
 
@@ -78,6 +79,18 @@ def test_row_delta_prepass_parameters_match_the_packed_buffer(dtype):
     variant = default_backward(Problem(576, 32, dtype, True, True, "bwd"))
     assert variant.prepass is not None
     assert packed_codes(render(variant.prepass)) == _ROW_DELTA_ARGS.format.lstrip("@")
+
+
+@pytest.mark.parametrize("n", [49, 144])
+def test_dbias_sum_parameters_match_the_packed_buffer_and_it_compiles(n):
+    # N * N odd (49): a float a thread; even (144): a float4. Both compile for sm_90 without spilling.
+    variant = DbiasSumVariant(Problem(n, 32, "float16", True, True, "bwd"))
+    assert packed_codes(render(variant)) == _DBIAS_SUM_ARGS.format.lstrip("@")
+    resources = compile_variant(variant, "sm_90").resources
+    assert resources.registers > 0 and resources.spill_bytes == 0
+    blocks, _ = variant.grid(0, 3, 0, 0)
+    per_thread = 1 if n % 2 else 4
+    assert (blocks - 1) * variant.threads * per_thread < 3 * n * n <= blocks * variant.threads * per_thread
 
 
 @pytest.mark.parametrize("dtype, lse_type", [("float16", "float"), ("bfloat16", "float"), ("float32", "double")])
