@@ -26,7 +26,7 @@ _DERIVED = {
     "bwd_simt": ("chunks_per_item", "cols_per_thread", "threads"),
     "bwd_tile": ("chunks_per_item", "head_dim_pad", "threads", "smem_row_elems", "smem_bytes"),
     "bwd_delta": ("threads",),
-    "dbias_sum": ("threads",),
+    "dbias_sum": ("threads", "floats_per_thread"),
 }
 _DERIVED["mma_stream"] = _DERIVED["wgmma"] = _DERIVED["wgmma_stream"] = _DERIVED["mma"]
 _DERIVED["wgmma_tma"] = _DERIVED["wgmma_stream_tma"] = _DERIVED["mma"]

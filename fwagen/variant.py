@@ -624,10 +624,14 @@ class DbiasSumVariant:
     def key(self) -> str:
         return f"fwagen_{self.kind}_n{self.problem.n}"
 
+    @property
+    def floats_per_thread(self) -> int:
+        """A float4 where every head's N x N block starts 16-byte aligned, else a float."""
+        return 4 if self.problem.n * self.problem.n % 4 == 0 else 1
+
     def grid(self, windows: int, heads: int, mask_windows: int, resident_blocks: int) -> tuple[int, int]:
         n = self.problem.n
-        per_thread = 4 if n * n % 4 == 0 else 1
-        return -(-heads * n * n // (per_thread * self.threads)), 1
+        return -(-heads * n * n // (self.floats_per_thread * self.threads)), 1
 
 
 Variant = ForwardVariant | SimtVariant | BackwardVariant | BackwardSimtVariant | BackwardTileVariant  # and subclasses
